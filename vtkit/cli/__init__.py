@@ -1,0 +1,1 @@
+"""The command-line skin: one module per command, wired together in :mod:`vtkit.cli.main`."""

@@ -1,0 +1,64 @@
+"""Options shared by several commands, defined once as typed aliases.
+
+Defaults follow the official LLaVA-1.5 ScienceQA protocol (conv mode ``vicuna_v1``, greedy
+decoding, the single-prediction prompt on). Environment variables set the defaults of
+``--model-path`` (``MODEL_PATH``), ``--base-dir`` (``SCIENCEQA_DIR``) and ``--output-dir``
+(``OUTPUT_DIR``); a flag on the command line wins over both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_MODEL = "liuhaotian/llava-v1.5-7b"
+
+ModelPathOpt = Annotated[str, typer.Option(
+    "--model-path", envvar="MODEL_PATH",
+    help="LLaVA checkpoint: a local directory or a Hugging Face repo id already in the cache "
+         "(HF format or the original LLaVA format).")]
+ModelBaseOpt = Annotated[str | None, typer.Option(
+    "--model-base", help="Base LLM for a LoRA checkpoint (e.g. lmsys/vicuna-7b-v1.5).")]
+BaseDirOpt = Annotated[Path, typer.Option(
+    "--base-dir", envvar="SCIENCEQA_DIR",
+    help="ScienceQA directory: problems.json, pid_splits.json, images/<split>/<pid>/image.png.")]
+QuestionFileOpt = Annotated[Path | None, typer.Option(
+    "--question-file",
+    help="LLaVA question file (CQM-A or QCM-LEA). Default: llava_<split>_CQM-A.json in the base "
+         "dir, else built from problems.json.")]
+ImageFolderOpt = Annotated[Path | None, typer.Option(
+    "--image-folder", help="Folder the question file's image paths are relative to. "
+                           "Default: <base-dir>/images/<split>.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="ScienceQA split (pid_splits.json key).")]
+OutputDirOpt = Annotated[Path, typer.Option(
+    "--output-dir", envvar="OUTPUT_DIR", help="Where caches, results and figures go.")]
+ConvModeOpt = Annotated[str, typer.Option(
+    "--conv-mode", help="Conversation template: vicuna_v1 (official LLaVA-1.5 eval), v1, llava_v1.")]
+TemperatureOpt = Annotated[float, typer.Option(
+    "--temperature", min=0.0, help="0 = greedy (official); above 0 samples, seeded by --seed.")]
+SinglePredPromptOpt = Annotated[bool, typer.Option(
+    "--single-pred-prompt/--no-single-pred-prompt",
+    help="Append \"Answer with the option's letter from the given choices directly.\"")]
+NumSamplesOpt = Annotated[int, typer.Option(
+    "--num-samples", help="Use the first N questions of the split (-1 = all).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for sampling and the random scorer.")]
+DtypeOpt = Annotated[str | None, typer.Option(
+    "--dtype", help="float16 | bfloat16 | float32 (default: float16 on CUDA, float32 on CPU).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
+RandomInitOpt = Annotated[bool, typer.Option(
+    "--random-init", help="Random weights from config.json alone (benchmarks only; recorded in "
+                          "every output).")]
+BatchSizeOpt = Annotated[int | None, typer.Option(
+    "--batch-size", min=1, help="Items per forward pass (default: automatic).")]
+ImageModeOpt = Annotated[str, typer.Option(
+    "--image-mode", help="pad (LLaVA-1.5 code: pad to square with the CLIP mean colour) or crop "
+                         "(resize + centre crop, as llava-hf and the published 66.8).")]
+ScorerOpt = Annotated[str, typer.Option(
+    "--scorer", help="Importance score: l2 (default), cls, random, uniform.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Recompute even if an existing cache was made from other inputs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+MaxNewTokensOpt = Annotated[int, typer.Option(
+    "--max-new-tokens", min=1, help="Longest answer to generate (the original uses 1024).")]

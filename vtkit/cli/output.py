@@ -1,0 +1,53 @@
+"""Where the CLI talks to humans (stderr) and machines (stdout), and turns errors into exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from vtkit.errors import VtkitError
+
+#: Progress bars, tables and messages: stderr, so stdout stays clean for ``--json``.
+console = Console(stderr=True)
+
+
+def print_json(document: Any) -> None:
+    """Print one JSON document on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``error: message`` on one line of stderr and return the Exit to raise."""
+    sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+    return typer.Exit(code)
+
+
+def handles_errors(command: Callable) -> Callable:
+    """Wrap a command so a :class:`VtkitError` becomes one line on stderr and its exit code.
+
+    ``VTKIT_DEBUG=1`` lets the exception through with its traceback.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VtkitError as error:
+            if os.environ.get("VTKIT_DEBUG"):
+                raise
+            raise fail(str(error), error.exit_code) from None
+
+    return wrapper
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)

@@ -1,0 +1,57 @@
+"""How library code reports progress and results without knowing who listens.
+
+Stages take a :class:`Reporter`. The default one is silent; the CLI passes a rich-backed one
+(:class:`vtkit.cli.progress.RichReporter`) that draws progress bars with rate and ETA and prints
+tables on stderr. Library modules never import rich themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+
+class Task:
+    """A running unit of long work: call :meth:`advance` as items finish."""
+
+    def advance(self, n: int = 1, *, work: float = 0.0) -> None:
+        """``n`` items finished; ``work`` counts the secondary unit (e.g. tokens) they took."""
+
+    def describe(self, description: str) -> None:
+        """Change the label shown next to the bar."""
+
+
+class Reporter:
+    """Silent reporter: the interface stages talk to. Subclass to show things."""
+
+    @contextmanager
+    def task(self, description: str, total: int, unit: str = "items",
+             work_unit: str | None = None) -> Iterator[Task]:
+        yield Task()
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        pass
+
+
+class RecordingReporter(Reporter):
+    """Keeps every message and table; handy in tests and for saving a run's log."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, str]] = []
+        self.tables: list[tuple[str, list[str], list[list[Any]]]] = []
+
+    def info(self, message: str) -> None:
+        self.messages.append(("info", message))
+
+    def warn(self, message: str) -> None:
+        self.messages.append(("warn", message))
+
+    def table(self, title, columns, rows) -> None:
+        self.tables.append((title, list(columns), [list(r) for r in rows]))
