@@ -35,7 +35,8 @@ SplitOpt = Annotated[str, typer.Option("--split", help="ScienceQA split (pid_spl
 OutputDirOpt = Annotated[Path, typer.Option(
     "--output-dir", envvar="OUTPUT_DIR", help="Where caches, results and figures go.")]
 ConvModeOpt = Annotated[str, typer.Option(
-    "--conv-mode", help="Conversation template: vicuna_v1 (official LLaVA-1.5 eval), v1, llava_v1.")]
+    "--conv-mode",
+    help="Conversation template: vicuna_v1 (official LLaVA-1.5 eval), v1, llava_v1.")]
 TemperatureOpt = Annotated[float, typer.Option(
     "--temperature", min=0.0, help="0 = greedy (official); above 0 samples, seeded by --seed.")]
 SinglePredPromptOpt = Annotated[bool, typer.Option(

@@ -1,4 +1,4 @@
-"""Where the CLI talks to humans (stderr) and machines (stdout), and turns errors into exit codes."""
+"""Where the CLI talks to humans (stderr) and machines (stdout); errors become exit codes."""
 
 from __future__ import annotations
 
