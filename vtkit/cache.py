@@ -77,6 +77,8 @@ def write_h5_atomic(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, A
             kwargs = dict((compression or {}).get(name, {}))
             if isinstance(value, list | tuple) and (not value or isinstance(value[0], str)):
                 f.create_dataset(name, data=np.asarray(value, dtype=object), dtype=STRING)
+            elif isinstance(value, np.ndarray) and value.dtype == object:
+                f.create_dataset(name, data=value, dtype=STRING)
             else:
                 f.create_dataset(name, data=value, **kwargs)
         f.flush()

@@ -1,8 +1,65 @@
-"""`vtkit extract`."""
+"""`vtkit extract`: cache the CLIP features and importance scores of every image question."""
 
-from vtkit.errors import NotBuiltError
+from __future__ import annotations
+
+from pathlib import Path
+
+from vtkit.cli.options import (
+    DEFAULT_MODEL,
+    BaseDirOpt,
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    ImageFolderOpt,
+    ImageModeOpt,
+    ModelBaseOpt,
+    ModelPathOpt,
+    NumSamplesOpt,
+    OutputDirOpt,
+    QuestionFileOpt,
+    RandomInitOpt,
+    SeedOpt,
+    SplitOpt,
+)
+from vtkit.cli.progress import RichReporter
+from vtkit.extract import ExtractConfig
+from vtkit.extract import extract as run_extract
 
 
-def extract() -> None:
-    """Not built yet."""
-    raise NotBuiltError("vtkit extract is not built yet")
+def extract(
+    model_path: ModelPathOpt = DEFAULT_MODEL,
+    model_base: ModelBaseOpt = None,
+    base_dir: BaseDirOpt = Path("scienceqa"),
+    question_file: QuestionFileOpt = None,
+    image_folder: ImageFolderOpt = None,
+    split: SplitOpt = "test",
+    num_samples: NumSamplesOpt = -1,
+    output_dir: OutputDirOpt = Path("pruning_results"),
+    image_mode: ImageModeOpt = "pad",
+    batch_size: BatchSizeOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = "auto",
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Run the vision tower once per image question and cache features + importance scores.
+
+    Writes OUTPUT_DIR/features.h5 (layout: docs/cache.md). Re-running with the same inputs does
+    nothing; a killed run resumes; other inputs are refused unless --force.
+
+    Example: vtkit extract --model-path demo/llava-tiny-hf --base-dir demo/scienceqa
+    """
+    config = ExtractConfig(
+        model_path=model_path, model_base=model_base, base_dir=base_dir,
+        question_file=question_file, image_folder=image_folder, split=split,
+        num_samples=num_samples, output_dir=output_dir, image_mode=image_mode,
+        batch_size=batch_size, dtype=dtype, device=device, random_init=random_init, seed=seed,
+        force=force,
+    )
+    reporter = RichReporter()
+    result = run_extract(config, reporter)
+    reporter.table("vtkit extract", ["cache", "images", "computed now", "MB per image", "seconds"],
+                   [[str(result.path), result.num_images, result.num_computed,
+                     result.bytes_per_image / 1e6, result.seconds]])

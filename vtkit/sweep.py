@@ -1,0 +1,595 @@
+"""Stage 2, ``vtkit sweep``: the pruned LLaVA passes.
+
+For every k of the grid and every image question: project the cached CLIP features, keep the
+top-k by the chosen scorer in raster order, splice them into the embedded prompt in place of the
+image placeholder, run the language model (batched, left-padded), capture the self-attention
+output of the first and last decoder layers in the same prefill, keep the spectra of their k
+visual rows, and decode the answer. Text-only questions do not depend on k: they run once and
+count in every k. Results go to ``sweep.h5`` (layout in ``docs/cache.md``) and to LLaVA-format
+answer files ``answers/k{K}.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from vtkit import cache
+from vtkit.data import Question, select_questions
+from vtkit.errors import CacheMismatchError, DataError, UsageError
+from vtkit.extract import FEATURES_FILE
+from vtkit.progress import Reporter
+from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokenize_prompt
+from vtkit.pruning import SCORERS, gather_rows, left_pad, splice_sequence, top_k_raster
+from vtkit.scoring import score_predictions
+
+SWEEP_FILE = "sweep.h5"
+PARTS_DIR = "sweep.parts"
+ANSWERS_DIR = "answers"
+TOP_K_SAMPLING = 50   # transformers' default top_k, which LLaVA's sampled runs used
+
+
+@dataclass
+class SweepConfig:
+    """Everything that decides what ``vtkit sweep`` computes (saved in sweep.h5)."""
+
+    model_path: str
+    base_dir: Path
+    tokens: list[int]
+    model_base: str | None = None
+    question_file: Path | None = None
+    image_folder: Path | None = None
+    split: str = "test"
+    num_samples: int = -1
+    output_dir: Path = Path("pruning_results")
+    scorer: str = "l2"
+    conv_mode: str = "vicuna_v1"
+    single_pred_prompt: bool = True
+    temperature: float = 0.0
+    seed: int = 0
+    max_new_tokens: int = 1024
+    batch_size: int | None = None     # questions per forward; None: by token budget
+    token_budget: int | None = None   # prefill tokens per forward; None: from free memory
+    keep_attention: int = 2
+    dtype: str | None = None
+    device: str = "auto"
+    random_init: bool = False
+    force: bool = False
+    model_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class KResult:
+    k: int
+    total: int
+    correct: int
+    accuracy: float
+    img_total: int
+    img_accuracy: float
+
+
+@dataclass
+class SweepResult:
+    path: Path
+    results: list[KResult]
+    seconds: float
+    prefill_tokens: int
+    already_complete: bool
+    random_init: bool
+
+
+@dataclass
+class _Item:
+    """One question ready for the language model."""
+
+    index: int               # position in the evaluated question list
+    question: Question
+    prompt: str              # LLaVA's cur_prompt, written to the answer files
+    prefix: list[int]        # token ids before the image placeholder (all ids if text-only)
+    suffix: list[int]        # token ids after it
+    cache_row: int = -1      # row in features.h5 (image questions)
+
+    @property
+    def text_length(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+
+def _check_tokens(tokens: list[int], num_patches: int) -> None:
+    if not tokens:
+        raise UsageError("--tokens: no token counts to sweep")
+    bad = [k for k in tokens if k < 1 or k > num_patches]
+    if bad:
+        raise UsageError(f"--tokens/--max: k={bad[0]} is outside 1..{num_patches}, the number of "
+                         f"visual tokens of this model")
+    if len(set(tokens)) != len(tokens):
+        raise UsageError("--tokens: token counts repeat")
+
+
+def _prepare_items(questions: list[Question], tokenizer, config: SweepConfig) -> list[_Item]:
+    items = []
+    for index, q in enumerate(questions):
+        ids = tokenize_prompt(build_prompt(q, config.conv_mode, config.single_pred_prompt),
+                              tokenizer)
+        if q.has_image:
+            cut = ids.index(IMAGE_TOKEN_INDEX)
+            prefix, suffix = ids[:cut], ids[cut + 1:]
+        else:
+            prefix, suffix = ids, []
+        items.append(_Item(index, q, question_text(q, config.single_pred_prompt), prefix, suffix))
+    return items
+
+
+def default_token_budget(model) -> int:
+    """Prefill tokens per forward: a share of free GPU memory, or a fixed size on CPU."""
+    if model.device.type != "cuda":
+        return 8192
+    free, _ = torch.cuda.mem_get_info(model.device)
+    config = model.language_model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = torch.finfo(model.dtype).bits // 8
+    kv = 2 * config.num_hidden_layers * heads * head_dim * width
+    # Per token: the KV cache, a few hidden-size activations, the MLP intermediate and the
+    # captured attention rows; keep a third of free memory for the allocator and the SVD.
+    activations = (6 * config.hidden_size + 2 * config.intermediate_size) * width
+    return max(512, int(free * 0.6 / (kv + activations)))
+
+
+def _batches(items: list[_Item], k: int, batch_size: int | None, budget: int) -> list[list[_Item]]:
+    """Length-sorted batches: similar lengths share a forward, so padding stays small."""
+    ordered = sorted(items, key=lambda it: (it.text_length, it.index))
+    batches, current = [], []
+    for item in ordered:
+        length = item.text_length + k
+        if current and (len(current) == batch_size if batch_size
+                        else (len(current) + 1) * length > budget):
+            batches.append(current)
+            current = []
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class _AttentionCapture:
+    """Forward hooks on the o_proj of the first and last decoder layer.
+
+    During a prefill each hook keeps only the k visual rows of its layer's attention output
+    (before the residual add), so the full [B, L, D] activations are never held.
+    """
+
+    def __init__(self, model) -> None:
+        layers = model.decoder_layers
+        self.layer_ids = [0, len(layers) - 1]
+        self.rows: torch.Tensor | None = None   # [B, k] positions of the visual rows
+        self.captured: list[torch.Tensor | None] = [None, None]
+        self.handles = [layers[i].self_attn.o_proj.register_forward_hook(self._hook(j))
+                        for j, i in enumerate(self.layer_ids)]
+
+    def _hook(self, slot: int):
+        def hook(module, args, output):
+            if self.rows is not None:
+                self.captured[slot] = gather_rows(output, self.rows)
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def singular_values(matrices: torch.Tensor) -> torch.Tensor:
+    """Singular values of each [k, D] matrix, descending: [B, k, D] -> [B, min(k, D)] float32.
+
+    Eigenvalues of the smaller Gram matrix in float64 on the matrices' device: exact enough
+    for relative thresholds far below 1e-6 and much faster than a batched float32 SVD.
+    """
+    x = matrices.double()
+    gram = x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
+    eig = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
+    return eig.flip(-1).float()
+
+
+def _pick_tokens(logits: torch.Tensor, temperature: float,
+                 generators: list[torch.Generator] | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
+    top = torch.topk(scaled, min(TOP_K_SAMPLING, scaled.shape[-1]), dim=-1)
+    probs = torch.softmax(top.values, dim=-1)
+    # One generator per question, so a sample never depends on its batch neighbours.
+    picks = torch.stack([torch.multinomial(probs[i], 1, generator=g)
+                         for i, g in enumerate(generators)]).squeeze(-1)
+    return top.indices.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
+
+
+def _generators(items: list[_Item], k: int, config: SweepConfig, device) -> list | None:
+    if config.temperature <= 0:
+        return None
+    gens = []
+    for item in items:
+        digest = hashlib.sha256(f"{config.seed}:{item.question.question_id}:{k}".encode())
+        gens.append(torch.Generator(device=device).manual_seed(
+            int.from_bytes(digest.digest()[:8], "little")))
+    return gens
+
+
+@torch.inference_mode()
+def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, config: SweepConfig,
+              capture: _AttentionCapture | None, k: int) -> tuple[list[str], list, int]:
+    """Prefill one batch (capturing attention rows when ``visual`` is given) and decode it.
+
+    Returns (answers, [first_rows, last_rows] or [None, None], prefill tokens).
+    """
+    embed = model.embed_tokens
+    device = model.device
+    sequences = []
+    visual_starts = []
+    for j, item in enumerate(items):
+        prefix = embed(torch.tensor(item.prefix, device=device))
+        if visual is None:
+            sequences.append(prefix)
+            continue
+        suffix = embed(torch.tensor(item.suffix, device=device))
+        sequences.append(splice_sequence(prefix, visual[j], suffix))
+        visual_starts.append(len(item.prefix))
+    embeds, mask, positions = left_pad(sequences)
+    if capture is not None and visual is not None:
+        longest = embeds.shape[1]
+        starts = torch.tensor([longest - s.shape[0] + v for s, v in
+                               zip(sequences, visual_starts, strict=True)], device=device)
+        capture.rows = starts[:, None] + torch.arange(k, device=device)[None, :]
+        capture.captured = [None, None]
+    from transformers import DynamicCache
+
+    past = DynamicCache()
+    try:
+        out = model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                   position_ids=positions, past_key_values=past, use_cache=True)
+    finally:
+        if capture is not None:
+            capture.rows = None
+    captured = list(capture.captured) if (capture is not None and visual is not None) \
+        else [None, None]
+    logits = model.lm_head(out.last_hidden_state[:, -1])
+    generators = _generators(items, k, config, device)
+    eos, pad = model.eos_token_id, model.pad_token_id
+    done = torch.zeros(len(items), dtype=torch.bool, device=device)
+    steps = []
+    for step in range(config.max_new_tokens):
+        token = _pick_tokens(logits, config.temperature, generators)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        steps.append(token)
+        done |= token == eos
+        if step + 1 == config.max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones((len(items), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model.language_model(inputs_embeds=embed(token[:, None]), attention_mask=mask,
+                                   position_ids=positions, past_key_values=past, use_cache=True)
+        logits = model.lm_head(out.last_hidden_state[:, -1])
+    generated = torch.stack(steps, dim=1).tolist()
+    answers = []
+    for row in generated:
+        if eos in row:
+            row = row[:row.index(eos)]
+        answers.append(model.tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers, captured, int(mask.shape[0] * embeds.shape[1])
+
+
+def _answer_id(fingerprint: str, question_id: str, k: int) -> str:
+    return hashlib.sha256(f"{fingerprint}:{question_id}:{k}".encode()).hexdigest()[:22]
+
+
+def _load_extract_cache(path: Path, image_items: list[_Item], model) -> dict:
+    if not path.exists():
+        raise DataError(f"{path} not found: run `vtkit extract` with the same model and "
+                        f"questions first")
+    attrs = cache.read_attrs(path)
+    if not attrs.get("complete"):
+        raise DataError(f"{path} is incomplete: finish `vtkit extract` first")
+    inputs = cache.stored_inputs(attrs)
+    identity = model.identity
+    stored_model = inputs.get("model", {})
+    changed = [key for key in ("model_path", "model_base", "format", "weights_sha256",
+                               "random_init") if stored_model.get(key) != identity.get(key)]
+    if inputs.get("dtype") != str(identity.get("dtype")):
+        changed.append("dtype")
+    if changed:
+        raise CacheMismatchError(f"{path} was made from another model (changed: "
+                                 f"{', '.join(changed)}); re-run `vtkit extract` for this model")
+    with h5py.File(path, "r") as f:
+        cached = [s.decode() for s in f["question_ids"][:]]
+    rows = {qid: i for i, qid in enumerate(cached)}
+    missing = [it.question.question_id for it in image_items if it.question.question_id not in rows]
+    if missing:
+        raise CacheMismatchError(f"{path} lacks {len(missing)} selected image questions (e.g. "
+                                 f"{', '.join(missing[:5])}); re-run `vtkit extract` with the "
+                                 f"same --num-samples/--split/--question-file")
+    for it in image_items:
+        it.cache_row = rows[it.question.question_id]
+    return attrs
+
+
+def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None) -> SweepResult:
+    """Run (or resume, or confirm) the sweep into ``<output_dir>/sweep.h5``."""
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    if config.scorer not in SCORERS:
+        raise UsageError(f"--scorer: unknown scorer {config.scorer!r} "
+                         f"(known: {', '.join(SCORERS)})")
+    output_dir = Path(config.output_dir)
+    features_path = output_dir / FEATURES_FILE
+    if features_path.exists():
+        _check_tokens(config.tokens, int(cache.read_attrs(features_path).get("num_patches", 576)))
+    selection = select_questions(config.base_dir, config.question_file, config.image_folder,
+                                 config.split, config.num_samples)
+    if model is None:
+        from vtkit.model import load_model
+
+        model = load_model(config.model_path, config.model_base, random_init=config.random_init,
+                           dtype=config.dtype, device=config.device)
+    _check_tokens(config.tokens, model.num_patches)
+    random_init = bool(model.identity.get("random_init"))
+    if random_init:
+        reporter.warn("RANDOM WEIGHTS (--random-init): answers and ranks are noise; for "
+                      "benchmarks only")
+    items = _prepare_items(selection.questions, model.tokenizer, config)
+    image_items = [it for it in items if it.question.has_image]
+    text_items = [it for it in items if not it.question.has_image]
+    extract_attrs = _load_extract_cache(features_path, image_items, model) if image_items else {}
+
+    inputs = {
+        "schema_version": cache.SCHEMA_VERSION,
+        "extract_fingerprint": extract_attrs.get("fingerprint"),
+        "model": {k: model.identity.get(k) for k in
+                  ("model_path", "model_base", "format", "weights_sha256", "random_init")},
+        "dtype": str(model.identity.get("dtype")),
+        "questions": hashlib.sha256(json.dumps([it.question.question_id for it in items])
+                                    .encode()).hexdigest()[:16],
+        "tokens": list(config.tokens),
+        "scorer": config.scorer,
+        "conv_mode": config.conv_mode,
+        "single_pred_prompt": config.single_pred_prompt,
+        "temperature": config.temperature,
+        "seed": config.seed,
+        "max_new_tokens": config.max_new_tokens,
+        "keep_attention": config.keep_attention,
+    }
+    final = output_dir / SWEEP_FILE
+    model_id = config.model_id or Path(str(config.model_path).rstrip("/")).name
+    if final.exists():
+        attrs = cache.read_attrs(final)
+        if attrs.get("fingerprint") == cache.fingerprint(inputs) and attrs.get("complete"):
+            reporter.info(f"{final}: sweep is complete; nothing to do")
+            results = read_accuracies(final)
+            _report(results, reporter)
+            return SweepResult(final, results, time.perf_counter() - started, 0, True,
+                               random_init)
+        if not config.force:
+            raise CacheMismatchError(cache.mismatch_message(final, cache.stored_inputs(attrs),
+                                                            inputs))
+        final.unlink()
+    store = cache.PartStore(output_dir / PARTS_DIR, inputs).open(force=config.force)
+
+    done: dict[int, set[int]] = {}
+    for part in store.parts():
+        with h5py.File(part, "r") as f:
+            done.setdefault(int(f.attrs["k"]), set()).update(f["question_index"][:].tolist())
+    if done:
+        reporter.info(f"resuming: {sum(len(v) for v in done.values())} (question, k) results "
+                      f"already stored")
+
+    budget = config.token_budget or default_token_budget(model)
+    keep = {it.index for it in image_items[:max(config.keep_attention, 0)]}
+    tokens_done = _execute(model, config, store, items, image_items, text_items, done, budget,
+                           keep, features_path, reporter)
+    results = _merge(store, final, items, image_items, config, inputs, model, model_id,
+                     selection.problems, extract_attrs)
+    store.remove()
+    _report(results, reporter)
+    return SweepResult(final, results, time.perf_counter() - started, tokens_done, False,
+                       random_init)
+
+
+def _execute(model, config, store, items, image_items, text_items, done, budget, keep,
+             features_path, reporter) -> int:
+    """Plan the remaining (k, batch) work and run it, writing one part per batch."""
+    chunk_size = 256 if model.device.type == "cuda" else 1024
+    chunks = [image_items[i:i + chunk_size] for i in range(0, len(image_items), chunk_size)]
+    text_todo = [it for it in text_items if it.index not in done.get(0, set())]
+    plan: list[tuple[int, int, list[list[_Item]]]] = []   # (chunk, k, batches)
+    for c, chunk in enumerate(chunks):
+        for k in config.tokens:
+            todo = [it for it in chunk if it.index not in done.get(k, set())]
+            if todo:
+                plan.append((c, k, _batches(todo, k, config.batch_size, budget)))
+    text_batches = _batches(text_todo, 0, config.batch_size, budget) if text_todo else []
+    total = len(text_batches) + sum(len(b) for _, _, b in plan)
+    if total == 0:
+        return 0
+    capture = _AttentionCapture(model)
+    tokens_done = 0
+    try:
+        with reporter.task("sweep", total=total, unit="batches", work_unit="tokens") as task, \
+                h5py.File(features_path, "r") if image_items else _null() as features_file:
+            for batch in text_batches:
+                answers, _, n = run_batch(model, batch, None, config, None, 0)
+                store.write(f"text-{batch[0].index:06d}", {
+                    "question_index": np.asarray([it.index for it in batch], dtype=np.int64),
+                    "answers": answers,
+                }, {"k": 0})
+                tokens_done += n
+                task.advance(1, work=n)
+            loaded_chunk, projected, scores = -1, None, None
+            for c, k, batches in plan:
+                if c != loaded_chunk:
+                    projected, scores = _load_chunk(model, features_file, chunks[c], config)
+                    loaded_chunk = c
+                    local = {it.index: j for j, it in enumerate(chunks[c])}
+                task.describe(f"sweep k={k}")
+                for batch in batches:
+                    rows = torch.tensor([local[it.index] for it in batch], device=model.device)
+                    kept = top_k_raster(scores[rows], k)
+                    visual = gather_rows(projected[rows], kept)
+                    answers, captured, n = run_batch(model, batch, list(visual), config, capture,
+                                                     k)
+                    arrays = {
+                        "question_index": np.asarray([it.index for it in batch], dtype=np.int64),
+                        "answers": answers,
+                        "spectra/first_layer": singular_values(captured[0]).cpu().numpy(),
+                        "spectra/last_layer": singular_values(captured[1]).cpu().numpy(),
+                    }
+                    kept_rows = [j for j, it in enumerate(batch) if it.index in keep]
+                    if kept_rows:
+                        arrays["attention/index"] = np.asarray(
+                            [batch[j].index for j in kept_rows], dtype=np.int64)
+                        for slot, name in enumerate(("first_layer", "last_layer")):
+                            arrays[f"attention/{name}"] = captured[slot][kept_rows].to(
+                                torch.float16).cpu().numpy()
+                    store.write(f"k{k:04d}-{batch[0].index:06d}", arrays, {"k": k})
+                    tokens_done += n
+                    task.advance(1, work=n)
+    finally:
+        capture.close()
+    return tokens_done
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_chunk(model, features_file, chunk: list[_Item], config: SweepConfig):
+    """Project one chunk's cached features once; every k of the grid reuses them."""
+    order = np.argsort([it.cache_row for it in chunk], kind="stable")
+    rows = [chunk[j].cache_row for j in order]
+    feats = features_file["features"][rows]
+    scores = features_file[f"scores/{config.scorer}"][rows]
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    feats, scores = feats[back], scores[back]
+    with torch.inference_mode():
+        projected = model.project(torch.from_numpy(feats).to(model.device, model.dtype))
+    return projected, torch.from_numpy(np.ascontiguousarray(scores)).to(model.device)
+
+
+def _merge(store, final, items, image_items, config, inputs, model, model_id, problems,
+           extract_attrs) -> list[KResult]:
+    """Gather the parts into sweep.h5 and the answer files, score every k."""
+    n_q, n_k = len(items), len(config.tokens)
+    k_row = {k: i for i, k in enumerate(config.tokens)}
+    img_row = {it.index: j for j, it in enumerate(image_items)}
+    keep_row = {it.index: j for j, it in enumerate(image_items[:max(config.keep_attention, 0)])}
+    answers = np.full((n_k, n_q), None, dtype=object)
+    spectra = {name: {} for name in ("first_layer", "last_layer")}
+    attention = {name: {} for name in ("first_layer", "last_layer")}
+    for part in store.parts():
+        with h5py.File(part, "r") as f:
+            k = int(f.attrs["k"])
+            index = f["question_index"][:]
+            text = [s.decode() for s in f["answers"][:]]
+            if k == 0:
+                for q, t in zip(index, text, strict=True):
+                    answers[:, q] = t
+                continue
+            answers[k_row[k], index] = text
+            for name in spectra:
+                block = f[f"spectra/{name}"][:]
+                store_k = spectra[name].setdefault(
+                    k, np.zeros((len(image_items), block.shape[1]), np.float32))
+                store_k[[img_row[q] for q in index]] = block
+            if "attention/index" in f:
+                for name in attention:
+                    block = f[f"attention/{name}"][:]
+                    store_k = attention[name].setdefault(
+                        k, np.zeros((len(keep_row),) + block.shape[1:], np.float16))
+                    store_k[[keep_row[q] for q in f["attention/index"][:]]] = block
+    missing = int(sum(a is None for a in answers.ravel()))
+    if missing:
+        raise DataError(f"{store.directory}: {missing} (question, k) results are missing; "
+                        f"re-run vtkit sweep")
+
+    answers_dir = Path(final).parent / ANSWERS_DIR
+    answers_dir.mkdir(exist_ok=True)
+    fingerprint = cache.fingerprint(inputs)
+    pids = [it.question.question_id for it in items]
+    correct = np.zeros((n_k, n_q), dtype=bool)
+    results = []
+    for r, k in enumerate(config.tokens):
+        predictions = {it.question.question_id: {"text": answers[r, it.index],
+                                                 "prompt": it.prompt} for it in items}
+        report = score_predictions(problems, pids, predictions)
+        correct_ids = set(report.correct_ids)
+        correct[r] = [pid in correct_ids for pid in pids]
+        results.append(KResult(k, report.total, report.correct, report.accuracy,
+                               report.img_total, report.img_accuracy))
+        lines = [json.dumps({
+            "question_id": it.question.question_id, "prompt": it.prompt,
+            "text": answers[r, it.index], "answer_id": _answer_id(fingerprint, pids[it.index], k),
+            "model_id": model_id, "metadata": {"k": k, "scorer": config.scorer},
+        }) for it in items]
+        target = answers_dir / f"k{k}.jsonl"
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, target)
+
+    arrays: dict = {
+        "token_counts": np.asarray(config.tokens, dtype=np.int32),
+        "question_ids": pids,
+        "has_image": np.asarray([it.question.has_image for it in items], dtype=bool),
+        "correct": correct,
+        "answers": answers,
+    }
+    for name in spectra:
+        for k, block in spectra[name].items():
+            arrays[f"spectra/{name}/k{k}"] = block
+        for k, block in attention[name].items():
+            arrays[f"attention/{name}/k{k}"] = block
+    attrs = cache.base_attrs(config.to_dict(), inputs)
+    attrs.update({
+        "extract_fingerprint": str(extract_attrs.get("fingerprint", "")),
+        "model_id": model_id,
+        "scorer": config.scorer,
+        "random_init": bool(model.identity.get("random_init")),
+        "layers": np.asarray([0, model.num_layers - 1], dtype=np.int64),
+        "hidden_size": int(model.hidden_size),
+        "complete": True,
+    })
+    cache.write_h5_atomic(final, arrays, attrs)
+    return results
+
+
+def read_accuracies(path: Path) -> list[KResult]:
+    """Per-k accuracy from a finished sweep.h5."""
+    with h5py.File(path, "r") as f:
+        tokens = f["token_counts"][:].tolist()
+        correct = f["correct"][:]
+        has_image = f["has_image"][:]
+    results = []
+    for r, k in enumerate(tokens):
+        n, c = correct.shape[1], int(correct[r].sum())
+        n_img, c_img = int(has_image.sum()), int(correct[r][has_image].sum())
+        results.append(KResult(k, n, c, 100.0 * c / n if n else 0.0, n_img,
+                               100.0 * c_img / n_img if n_img else 0.0))
+    return results
+
+
+def _report(results: list[KResult], reporter: Reporter) -> None:
+    reporter.table("Accuracy by number of kept visual tokens",
+                   ["k", "questions", "correct", "accuracy %", "IMG accuracy %"],
+                   [[r.k, r.total, r.correct, r.accuracy, r.img_accuracy] for r in results])
