@@ -28,7 +28,14 @@ from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import FEATURES_FILE
 from vtkit.progress import Reporter
 from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokenize_prompt
-from vtkit.pruning import SCORERS, gather_rows, left_pad, splice_sequence, top_k_raster
+from vtkit.pruning import (
+    SCORERS,
+    gather_rows,
+    left_pad,
+    singular_values,
+    splice_sequence,
+    top_k_raster,
+)
 from vtkit.scoring import score_predictions
 
 SWEEP_FILE = "sweep.h5"
@@ -187,18 +194,6 @@ class _AttentionCapture:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def singular_values(matrices: torch.Tensor) -> torch.Tensor:
-    """Singular values of each [k, D] matrix, descending: [B, k, D] -> [B, min(k, D)] float32.
-
-    Eigenvalues of the smaller Gram matrix in float64 on the matrices' device: exact enough
-    for relative thresholds far below 1e-6 and much faster than a batched float32 SVD.
-    """
-    x = matrices.double()
-    gram = x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
-    eig = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
-    return eig.flip(-1).float()
 
 
 def _pick_tokens(logits: torch.Tensor, temperature: float,
