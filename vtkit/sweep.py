@@ -220,17 +220,30 @@ def _generators(items: list[_Item], k: int, config: SweepConfig, device) -> list
     return gens
 
 
-@torch.inference_mode()
-def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, config: SweepConfig,
-              capture: _AttentionCapture | None, k: int) -> tuple[list[str], list, int]:
-    """Prefill one batch (capturing attention rows when ``visual`` is given) and decode it.
+@dataclass
+class Prefill:
+    """The state after one batch's prefill: next-token logits, KV cache, captured rows."""
 
-    Returns (answers, [first_rows, last_rows] or [None, None], prefill tokens).
+    logits: torch.Tensor               # [B, vocab] for the next token
+    past: object                       # the KV cache
+    mask: torch.Tensor                 # [B, L]
+    positions: torch.Tensor            # [B, L]
+    captured: list                     # [first_rows, last_rows] ([B, k, D]) or [None, None]
+    tokens: int                        # prefill tokens, padding included
+
+
+@torch.inference_mode()
+def prefill(model, items: list[_Item], visual: list[torch.Tensor] | None,
+            capture: _AttentionCapture | None = None, k: int = 0) -> Prefill:
+    """Embed, splice and left-pad a batch, run the language model once over it.
+
+    With ``visual`` (one [k, D] tensor per item) the kept rows replace each image placeholder;
+    with ``capture`` the first and last layers' attention outputs of those rows are kept.
     """
-    embed = model.embed_tokens
-    device = model.device
-    sequences = []
-    visual_starts = []
+    from transformers import DynamicCache
+
+    embed, device = model.embed_tokens, model.device
+    sequences, visual_starts = [], []
     for j, item in enumerate(items):
         prefix = embed(torch.tensor(item.prefix, device=device))
         if visual is None:
@@ -240,14 +253,13 @@ def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, conf
         sequences.append(splice_sequence(prefix, visual[j], suffix))
         visual_starts.append(len(item.prefix))
     embeds, mask, positions = left_pad(sequences)
-    if capture is not None and visual is not None:
+    capturing = capture is not None and visual is not None
+    if capturing:
         longest = embeds.shape[1]
         starts = torch.tensor([longest - s.shape[0] + v for s, v in
                                zip(sequences, visual_starts, strict=True)], device=device)
         capture.rows = starts[:, None] + torch.arange(k, device=device)[None, :]
         capture.captured = [None, None]
-    from transformers import DynamicCache
-
     past = DynamicCache()
     try:
         out = model.language_model(inputs_embeds=embeds, attention_mask=mask,
@@ -255,12 +267,22 @@ def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, conf
     finally:
         if capture is not None:
             capture.rows = None
-    captured = list(capture.captured) if (capture is not None and visual is not None) \
-        else [None, None]
+    captured = list(capture.captured) if capturing else [None, None]
     logits = model.lm_head(out.last_hidden_state[:, -1])
-    generators = _generators(items, k, config, device)
+    return Prefill(logits, past, mask, positions, captured, int(embeds.shape[0] * embeds.shape[1]))
+
+
+@torch.inference_mode()
+def decode(model, items: list[_Item], state: Prefill, config: SweepConfig, k: int) -> list[str]:
+    """Greedy (temperature 0) or seeded sampled decoding with the KV cache.
+
+    Every row stops at EOS; the batch ends once every row has, or at max_new_tokens. The text is
+    decoded without special tokens and stripped, as LLaVA's eval script does.
+    """
+    generators = _generators(items, k, config, model.device)
     eos, pad = model.eos_token_id, model.pad_token_id
-    done = torch.zeros(len(items), dtype=torch.bool, device=device)
+    logits, mask, positions = state.logits, state.mask, state.positions
+    done = torch.zeros(len(items), dtype=torch.bool, device=model.device)
     steps = []
     for step in range(config.max_new_tokens):
         token = _pick_tokens(logits, config.temperature, generators)
@@ -271,16 +293,23 @@ def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, conf
             break
         mask = torch.cat([mask, mask.new_ones((len(items), 1))], dim=1)
         positions = positions[:, -1:] + 1
-        out = model.language_model(inputs_embeds=embed(token[:, None]), attention_mask=mask,
-                                   position_ids=positions, past_key_values=past, use_cache=True)
+        out = model.language_model(inputs_embeds=model.embed_tokens(token[:, None]),
+                                   attention_mask=mask, position_ids=positions,
+                                   past_key_values=state.past, use_cache=True)
         logits = model.lm_head(out.last_hidden_state[:, -1])
-    generated = torch.stack(steps, dim=1).tolist()
     answers = []
-    for row in generated:
+    for row in torch.stack(steps, dim=1).tolist():
         if eos in row:
             row = row[:row.index(eos)]
         answers.append(model.tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers, captured, int(mask.shape[0] * embeds.shape[1])
+    return answers
+
+
+def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, config: SweepConfig,
+              capture: _AttentionCapture | None, k: int) -> tuple[list[str], list, int]:
+    """Prefill and decode one batch: (answers, captured rows, prefill tokens)."""
+    state = prefill(model, items, visual, capture, k)
+    return decode(model, items, state, config, k), state.captured, state.tokens
 
 
 def _answer_id(fingerprint: str, question_id: str, k: int) -> str:
