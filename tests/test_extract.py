@@ -122,9 +122,10 @@ def test_missing_image_is_named(tiny_models, demo_scienceqa, tmp_path):
     assert victim.name in result.output
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(extracted, tiny_models, demo_scienceqa,
-                                                           tmp_path):
-    out_ref, _ = extracted
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, demo_scienceqa,
+                                                           tiny_model, tmp_path):
+    out_ref = tmp_path / "uninterrupted"
+    extract(_config(tiny_models, demo_scienceqa, out_ref, batch_size=1), model=tiny_model)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "vtkit", "extract", "--model-path", str(tiny_models["hf"]),
            "--base-dir", str(demo_scienceqa), "--num-samples", str(N), "--output-dir", str(out),
