@@ -1,0 +1,264 @@
+"""`vtkit sweep`: faithfulness to the stock forward, batching, capture, resume, answer files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vtkit.sweep as sweep_module
+from vtkit.cli.main import app
+from vtkit.data import select_questions
+from vtkit.extract import FEATURES_FILE, ExtractConfig, extract
+from vtkit.images import load_image, preprocess_images
+from vtkit.pruning import gather_rows, singular_values, top_k_raster
+from vtkit.sweep import (
+    PARTS_DIR,
+    SWEEP_FILE,
+    SweepConfig,
+    _AttentionCapture,
+    _prepare_items,
+    decode,
+    prefill,
+    sweep,
+)
+
+N = 12
+TOKENS = [576, 100, 20]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    from vtkit.model import load_model
+
+    return load_model(str(tiny_models["hf"]), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def features_dir(tiny_models, demo_scienceqa, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    extract(ExtractConfig(model_path=str(tiny_models["hf"]), base_dir=demo_scienceqa,
+                          output_dir=out, num_samples=N, device="cpu"), model=model)
+    return out
+
+
+def _config(tiny_models, demo_scienceqa, out, **kw) -> SweepConfig:
+    kw.setdefault("tokens", TOKENS)
+    kw.setdefault("max_new_tokens", 6)
+    return SweepConfig(model_path=str(tiny_models["hf"]), base_dir=demo_scienceqa,
+                       output_dir=out, num_samples=N, device="cpu", **kw)
+
+
+def _fresh(features_dir: Path, tmp_path: Path, name: str) -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    shutil.copy(features_dir / FEATURES_FILE, out / FEATURES_FILE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_models, demo_scienceqa, model, features_dir):
+    result = sweep(_config(tiny_models, demo_scienceqa, features_dir, batch_size=16), model=model)
+    return features_dir, result
+
+
+def _items_and_features(demo_scienceqa, model, features_dir):
+    selection = select_questions(demo_scienceqa, num_samples=N)
+    config = SweepConfig(model_path="", base_dir=demo_scienceqa, tokens=TOKENS)
+    items = [it for it in _prepare_items(selection.questions, model.tokenizer, config)
+             if it.question.has_image]
+    with h5py.File(features_dir / FEATURES_FILE, "r") as f:
+        ids = [s.decode() for s in f["question_ids"][:]]
+        rows = [ids.index(it.question.question_id) for it in items]
+        feats = torch.from_numpy(f["features"][sorted(rows)])
+        l2 = torch.from_numpy(f["scores/l2"][sorted(rows)])
+    order = np.argsort(np.argsort(rows))
+    with torch.inference_mode():
+        projected = model.project(feats[order])
+    return selection, items, projected, l2[order]
+
+
+def test_k576_logits_equal_the_stock_forward(model, demo_scienceqa, features_dir):
+    selection, items, projected, _ = _items_and_features(demo_scienceqa, model, features_dir)
+    image_token = model.hf.config.image_token_id
+    for j in (0, 1):
+        item = items[j]
+        state = prefill(model, [item], [projected[j]])
+        ids = item.prefix + [image_token] * 576 + item.suffix
+        pixels = preprocess_images([load_image(selection.image_path(item.question))], "pad")
+        with torch.inference_mode():
+            stock = model.hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1]
+        torch.testing.assert_close(state.logits[0], stock, atol=1e-5, rtol=0)
+    # Left padding leaves every row's logits as they were unbatched.
+    batched = prefill(model, items[:3], list(projected[:3]))
+    for j in range(3):
+        alone = prefill(model, [items[j]], [projected[j]])
+        torch.testing.assert_close(batched.logits[j], alone.logits[0], atol=1e-5, rtol=0)
+
+
+def test_greedy_text_equals_generate(model, demo_scienceqa, features_dir):
+    selection, items, projected, _ = _items_and_features(demo_scienceqa, model, features_dir)
+    config = SweepConfig(model_path="", base_dir=demo_scienceqa, tokens=TOKENS,
+                         max_new_tokens=8)
+    image_token = model.hf.config.image_token_id
+    for j in (0, 2):
+        item = items[j]
+        ours = decode(model, [item], prefill(model, [item], [projected[j]]), config, 576)[0]
+        ids = torch.tensor([item.prefix + [image_token] * 576 + item.suffix])
+        pixels = preprocess_images([load_image(selection.image_path(item.question))], "pad")
+        with torch.inference_mode():
+            out = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    pixel_values=pixels, max_new_tokens=8, do_sample=False,
+                                    pad_token_id=model.pad_token_id)
+        stock = model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert ours == stock
+
+
+def test_kept_rows_are_the_top_k_in_raster_order(swept, model, demo_scienceqa):
+    out, _ = swept
+    _, items, projected, l2 = _items_and_features(demo_scienceqa, model, out)
+    k = 20
+    kept = top_k_raster(l2[:2], k)
+    visual = gather_rows(projected[:2], kept)
+    capture = _AttentionCapture(model)
+    try:
+        state = prefill(model, items[:2], list(visual), capture, k)
+    finally:
+        capture.close()
+    with h5py.File(out / SWEEP_FILE, "r") as f:
+        stored_first = f[f"attention/first_layer/k{k}"][:]
+        stored_last = f[f"attention/last_layer/k{k}"][:]
+        spectra = f[f"spectra/first_layer/k{k}"][:2]
+    np.testing.assert_allclose(stored_first, state.captured[0].numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(stored_last, state.captured[1].numpy(), rtol=2e-3, atol=2e-3)
+    # A selection in another order (or another set) would give other attention outputs.
+    shuffled = gather_rows(projected[:2], kept.flip(-1))
+    capture = _AttentionCapture(model)
+    try:
+        other = prefill(model, items[:2], list(shuffled), capture, k)
+    finally:
+        capture.close()
+    assert not np.allclose(stored_first, other.captured[0].numpy(), atol=2e-3)
+    # Stored spectra equal a float64 SVD of the captured float32 matrices.
+    for b in range(2):
+        ref = np.linalg.svd(state.captured[0][b].double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(spectra[b], ref, rtol=0, atol=1e-4 * ref[0])
+    assert np.allclose(singular_values(state.captured[0]).numpy(), spectra, rtol=1e-4, atol=1e-6)
+
+
+def test_answers_do_not_depend_on_batch_size(swept, tiny_models, demo_scienceqa, model,
+                                             features_dir, tmp_path):
+    out, _ = swept
+    single = _fresh(features_dir, tmp_path, "batch1")
+    sweep(_config(tiny_models, demo_scienceqa, single, batch_size=1), model=model)
+    with h5py.File(out / SWEEP_FILE, "r") as a, h5py.File(single / SWEEP_FILE, "r") as b:
+        assert a["answers"][:].tolist() == b["answers"][:].tolist()
+        assert np.array_equal(a["correct"][:], b["correct"][:])
+
+
+def test_text_only_questions_run_once(tiny_models, demo_scienceqa, model, features_dir,
+                                      tmp_path, monkeypatch):
+    calls: list[tuple[int, tuple[str, ...]]] = []
+    original = sweep_module.run_batch
+
+    def counting(model_, items, visual, config, capture, k):
+        calls.append((k, tuple(it.question.question_id for it in items)))
+        return original(model_, items, visual, config, capture, k)
+
+    monkeypatch.setattr(sweep_module, "run_batch", counting)
+    out = _fresh(features_dir, tmp_path, "count")
+    sweep(_config(tiny_models, demo_scienceqa, out, batch_size=4), model=model)
+    questions = select_questions(demo_scienceqa, num_samples=N).questions
+    text_ids = {q.question_id for q in questions if not q.has_image}
+    image_ids = {q.question_id for q in questions if q.has_image}
+    assert text_ids and image_ids
+    seen_text = [qid for k, ids in calls for qid in ids if qid in text_ids]
+    assert sorted(seen_text) == sorted(text_ids)
+    for k in TOKENS:
+        seen = sorted(qid for kk, ids in calls if kk == k for qid in ids)
+        assert seen == sorted(image_ids)
+    with h5py.File(out / SWEEP_FILE, "r") as f:
+        answers = f["answers"][:]
+        has_image = f["has_image"][:]
+    for col in np.flatnonzero(~has_image):
+        assert len(set(answers[:, col].tolist())) == 1
+
+
+def test_answer_files_score_like_the_sweep(swept, demo_scienceqa):
+    out, result = swept
+    for r in result.results:
+        lines = [json.loads(x) for x in (out / "answers" / f"k{r.k}.jsonl").read_text()
+                 .splitlines()]
+        assert len(lines) == N
+        assert {x["metadata"]["k"] for x in lines} == {r.k}
+        assert set(lines[0]) >= {"question_id", "prompt", "text", "answer_id", "model_id",
+                                 "metadata"}
+        scored = CliRunner().invoke(app, ["score", str(out / "answers" / f"k{r.k}.jsonl"),
+                                          "--base-dir", str(demo_scienceqa), "--json"])
+        assert scored.exit_code == 0, scored.output
+    with h5py.File(out / SWEEP_FILE, "r") as f:
+        assert f.attrs["complete"]
+        assert f["token_counts"][:].tolist() == TOKENS
+        assert f["spectra/first_layer/k20"].shape[1] == min(20, f.attrs["hidden_size"])
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(swept, tiny_models, demo_scienceqa,
+                                                         model):
+    out, _ = swept
+    again = sweep(_config(tiny_models, demo_scienceqa, out, batch_size=16), model=model)
+    assert again.already_complete
+    from vtkit.errors import CacheMismatchError
+
+    with pytest.raises(CacheMismatchError, match="scorer"):
+        sweep(_config(tiny_models, demo_scienceqa, out, scorer="random"), model=model)
+
+
+def test_bad_k_and_missing_cache_are_clear_errors(tiny_models, demo_scienceqa, features_dir,
+                                                  tmp_path):
+    runner = CliRunner()
+    base = ["sweep", "--model-path", str(tiny_models["hf"]), "--base-dir", str(demo_scienceqa),
+            "--num-samples", str(N), "--device", "cpu"]
+    too_many = runner.invoke(app, base + ["--output-dir", str(features_dir), "--tokens", "600"])
+    assert too_many.exit_code == 2 and "--tokens" in too_many.output
+    missing = runner.invoke(app, base + ["--output-dir", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "features.h5" in missing.output
+
+
+def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tiny_models, demo_scienceqa, model,
+                                                            features_dir, tmp_path):
+    reference = _fresh(features_dir, tmp_path, "reference")
+    sweep(_config(tiny_models, demo_scienceqa, reference, batch_size=1), model=model)
+    out = _fresh(features_dir, tmp_path, "killed")
+    cmd = [sys.executable, "-m", "vtkit", "sweep", "--model-path", str(tiny_models["hf"]),
+           "--base-dir", str(demo_scienceqa), "--num-samples", str(N), "--output-dir", str(out),
+           "--device", "cpu", "--batch-size", "1", "--max-new-tokens", "6",
+           "--tokens", ",".join(map(str, TOKENS))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out / PARTS_DIR
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("k*.h5"))) < 4:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / SWEEP_FILE).exists(), "sweep finished before it could be killed"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with h5py.File(reference / SWEEP_FILE, "r") as a, h5py.File(out / SWEEP_FILE, "r") as b:
+        assert a.attrs["fingerprint"] == b.attrs["fingerprint"]
+        for name in ("answers", "correct", "spectra/first_layer/k20", "spectra/last_layer/k576",
+                     "attention/first_layer/k100"):
+            assert np.array_equal(a[name][:], b[name][:]), name
+    assert (reference / "answers" / "k20.jsonl").read_text() == \
+        (out / "answers" / "k20.jsonl").read_text()
