@@ -1,0 +1,613 @@
+"""The synthetic demo ScienceQA folder that `vtkit demo` writes.
+
+Each image problem shows a 336 x 336 scene: a 3 x 3 grid of 112-px cells, 2-6 of them holding one
+large object (a circle, square or triangle, 50-90 px, red, green, blue or yellow). Questions are
+local (the colour or shape of the object at one position) or global (counts, the most common
+colour or shape, whether a given object is there). About a fifth of the problems have no image
+and are answered from their hint (or from the question alone), as in real ScienceQA.
+
+Answers are not guessable from the text: for every question the correct answer is drawn first,
+uniformly from the template's answer set, the distractors uniformly from the rest, and only then a
+scene is drawn (by rejection) that makes the drawn answer true; the correct letter is dealt from
+shuffled decks so letters stay balanced. :func:`text_only_baseline` measures what a text-only
+guesser still gets.
+
+Everything is seeded per split and generated in order, so the same seed gives the same bytes, and
+the first n problems of a split are the same for any larger n.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vtkit.data import build_question_entries, write_question_file
+from vtkit.errors import UsageError
+from vtkit.progress import Reporter
+
+#: Scene side in pixels (the CLIP input size of LLaVA-1.5) and its grid of cells.
+SCENE_SIZE = 336
+GRID = 3
+CELL = SCENE_SIZE // GRID
+#: Object side range in scene pixels: large enough to cover many 14-px patches.
+OBJECT_SIZES = (50, 90)
+#: Gap kept between an object and its cell border, so neighbours never touch.
+CELL_MARGIN = 5
+#: Objects per scene (each in its own cell).
+OBJECTS_PER_SCENE = (2, 6)
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+#: Light backgrounds; all stay far from every object colour in grayscale too.
+BACKGROUNDS = ((238, 238, 238), (246, 242, 232), (232, 238, 246))
+POSITIONS: dict[tuple[int, int], str] = {
+    (0, 0): "top left", (0, 1): "top middle", (0, 2): "top right",
+    (1, 0): "middle left", (1, 1): "center", (1, 2): "middle right",
+    (2, 0): "bottom left", (2, 1): "bottom middle", (2, 2): "bottom right",
+}
+SPLITS = ("train", "val", "test")
+
+# Problems come in blocks of 20, shuffled within the block: 4 text-only and 16 images whose PIL
+# mode and size are dealt from these lists (most RGB at 336 x 336), so every split of 20 or more
+# problems has every mode and the mix stays fixed as the split grows.
+_BLOCK_KINDS = ("text",) * 4 + ("RGB",) * 10 + ("RGBA",) * 2 + ("P",) * 2 + ("L", "LA")
+_BLOCK_SIZES = ((336, 336),) * 12 + ((400, 300), (300, 420), (448, 448), (224, 224))
+_GRAYSCALE = ("L", "LA")
+# pid = 3 * i + offset: numeric strings, splits interleaved as in the real file, and a split's
+# pids do not depend on the sizes of the other splits.
+_PID_OFFSET = {"test": 1, "val": 2, "train": 3}
+_IMAGE_HINTS = (
+    "The picture shows shapes on a light background.",
+    "Each shape in the picture is a circle, a square or a triangle.",
+    "Look closely at the shapes in the picture.",
+)
+_COUNTS = tuple(str(n) for n in range(5))
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object: its shape, colour, grid cell and box (x0, y0, x1, y1) in scene pixels."""
+
+    shape: str
+    colour: str
+    row: int
+    col: int
+    box: tuple[int, int, int, int]
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image shows, in 336 x 336 scene coordinates."""
+
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int]
+
+    def at(self, row: int, col: int) -> SceneObject | None:
+        """The object in cell (row, col), or None."""
+        return next((o for o in self.objects if (o.row, o.col) == (row, col)), None)
+
+    def count(self, colour: str | None = None, shape: str | None = None) -> int:
+        """Number of objects matching the given colour and/or shape."""
+        return sum((colour in (None, o.colour)) and (shape in (None, o.shape))
+                   for o in self.objects)
+
+    def most_common(self, attribute: str) -> str | None:
+        """The strictly most frequent value of "colour" or "shape", or None on a tie."""
+        ranked = Counter(getattr(o, attribute) for o in self.objects).most_common(2)
+        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+            return None
+        return ranked[0][0]
+
+
+@dataclass(frozen=True)
+class DemoProblem:
+    """One generated problem: its problems.json record and what it was made from.
+
+    ``template`` names the question kind, ``params`` the words the question fills in
+    ("position", "colour", "shape"); ``scene``, ``mode`` and ``size`` are None for text-only
+    problems.
+    """
+
+    pid: str
+    problem: dict
+    template: str
+    params: dict[str, str]
+    scene: Scene | None
+    mode: str | None
+    size: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class _Template:
+    """An image question kind: its wording, answer set, choice counts and metadata."""
+
+    question: str
+    answers: tuple[str, ...]
+    n_choices: tuple[int, ...]
+    needs_colour: bool
+    local: bool
+    weight: int
+    topic: str
+    category: str
+    skill: str
+    task: str = "closed choice"
+
+
+_COLOUR_NAMES = tuple(COLOURS)
+# Local templates (one object) are drawn twice as often as each global one, so that about 4 in
+# 10 image questions are local and a pruning curve can show both kinds of evidence going.
+IMAGE_TEMPLATES: dict[str, _Template] = {
+    "colour_at": _Template(
+        "What color is the shape in the {position} of the picture?", _COLOUR_NAMES, (2, 3, 4),
+        needs_colour=True, local=True, weight=2, topic="colors", category="Identify colors",
+        skill="Name the color of the shape at a position"),
+    "shape_at": _Template(
+        "Which shape is in the {position} of the picture?", SHAPES, (2, 3),
+        needs_colour=False, local=True, weight=2, topic="shapes", category="Identify shapes",
+        skill="Name the shape at a position"),
+    "count_colour": _Template(
+        "How many {colour} shapes are in the picture?", _COUNTS, (3, 4, 5),
+        needs_colour=True, local=False, weight=1, topic="counting", category="Count objects",
+        skill="Count the shapes of one color"),
+    "count_shape": _Template(
+        "How many {shape}s are in the picture?", _COUNTS, (3, 4, 5),
+        needs_colour=False, local=False, weight=1, topic="counting", category="Count objects",
+        skill="Count the shapes of one kind"),
+    "count_total": _Template(
+        "How many shapes are in the picture?", tuple(str(n) for n in range(2, 7)), (3, 4, 5),
+        needs_colour=False, local=False, weight=1, topic="counting", category="Count objects",
+        skill="Count all the shapes"),
+    "most_colour": _Template(
+        "Which color do most of the shapes in the picture have?", _COLOUR_NAMES, (2, 3, 4),
+        needs_colour=True, local=False, weight=1, topic="colors", category="Compare amounts",
+        skill="Find the most common color"),
+    "most_shape": _Template(
+        "Which shape appears most often in the picture?", SHAPES, (2, 3),
+        needs_colour=False, local=False, weight=1, topic="shapes", category="Compare amounts",
+        skill="Find the most common shape"),
+    "has_object": _Template(
+        "Is there a {colour} {shape} in the picture?", ("yes", "no"), (2,),
+        needs_colour=True, local=False, weight=1, topic="shapes", category="Find objects",
+        skill="Find a shape of a given color", task="yes or no"),
+}
+
+_LECTURES = {
+    "colors": "Every object has a color. To name the color of one object, find that object "
+              "first and look only at it.",
+    "shapes": "A circle is round and has no corners. A square has four equal sides and four "
+              "corners. A triangle has three sides and three corners.",
+    "counting": "To count objects, point at each one once and say the next number. The last "
+                "number you say is how many there are.",
+    "reading-comprehension": "Read the text carefully. The answer is in the text, sometimes as "
+                             "numbers that you need to add.",
+    "community": "People waiting in a line are served in order: first the person at the front, "
+                 "last the person at the back.",
+}
+
+
+def scene_answer(scene: Scene, template: str, params: Mapping[str, str]) -> str | None:
+    """The correct answer of an image question about ``scene``, or None when it has none (the
+    asked cell is empty, or the most common value is tied)."""
+    if template in ("colour_at", "shape_at"):
+        obj = scene.at(*_cell(params["position"]))
+        if obj is None:
+            return None
+        return obj.colour if template == "colour_at" else obj.shape
+    if template == "count_colour":
+        return str(scene.count(colour=params["colour"]))
+    if template == "count_shape":
+        return str(scene.count(shape=params["shape"]))
+    if template == "count_total":
+        return str(len(scene.objects))
+    if template == "most_colour":
+        return scene.most_common("colour")
+    if template == "most_shape":
+        return scene.most_common("shape")
+    if template == "has_object":
+        return "yes" if scene.count(params["colour"], params["shape"]) else "no"
+    raise ValueError(f"unknown image template {template!r}")
+
+
+def _cell(position: str) -> tuple[int, int]:
+    return next(cell for cell, name in POSITIONS.items() if name == position)
+
+
+def _solution(scene: Scene, template: str, params: Mapping[str, str], answer: str) -> str:
+    if template in ("colour_at", "shape_at"):
+        obj = scene.at(*_cell(params["position"]))
+        why = f"The shape in the {params['position']} of the picture is a {obj.colour} {obj.shape}."
+    elif template == "count_colour":
+        why = f"The picture shows {_plural(int(answer), params['colour'] + ' shape')}."
+    elif template == "count_shape":
+        why = f"The picture shows {_plural(int(answer), params['shape'])}."
+    elif template == "count_total":
+        why = f"The picture shows {_plural(int(answer), 'shape')}."
+    elif template in ("most_colour", "most_shape"):
+        attribute = "colour" if template == "most_colour" else "shape"
+        counts = Counter(getattr(o, attribute) for o in scene.objects)
+        why = "The picture shows " + ", ".join(
+            _plural(n, v if attribute == "shape" else f"{v} shape")
+            for v, n in sorted(counts.items())) + "."
+    else:
+        n = scene.count(params["colour"], params["shape"])
+        why = f"The picture shows {_plural(n, params['colour'] + ' ' + params['shape'])}."
+    return f"{why} So, the answer is {answer}."
+
+
+def _plural(n: int, noun: str) -> str:
+    """ "1 circle", "3 circles" (every noun here takes a plain -s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+class _LetterDeck:
+    """Deals the position of the correct choice from a shuffled deck per number of choices, so
+    correct letters stay balanced even in a small split."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._decks: dict[int, list[int]] = {}
+
+    def deal(self, n_choices: int) -> int:
+        deck = self._decks.setdefault(n_choices, [])
+        if not deck:
+            deck.extend(range(n_choices))
+            self._rng.shuffle(deck)
+        return deck.pop()
+
+
+def _choices(rng: random.Random, deck: _LetterDeck, answer: str, answers: Iterable[str],
+             n_choices: int) -> tuple[list[str], int]:
+    """``n_choices`` options: the answer at a dealt position, distractors drawn uniformly."""
+    distractors = rng.sample([a for a in answers if a != answer], n_choices - 1)
+    index = deck.deal(n_choices)
+    return distractors[:index] + [answer] + distractors[index:], index
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """A scene with 2-6 objects in distinct cells, every attribute uniform."""
+    n = rng.randint(*OBJECTS_PER_SCENE)
+    objects = []
+    for cell in sorted(rng.sample(range(GRID * GRID), n)):
+        row, col = divmod(cell, GRID)
+        size = rng.randint(*OBJECT_SIZES)
+        x0 = col * CELL + rng.randint(CELL_MARGIN, CELL - CELL_MARGIN - size)
+        y0 = row * CELL + rng.randint(CELL_MARGIN, CELL - CELL_MARGIN - size)
+        objects.append(SceneObject(rng.choice(SHAPES), rng.choice(_COLOUR_NAMES), row, col,
+                                   (x0, y0, x0 + size, y0 + size)))
+    return Scene(tuple(objects), rng.choice(BACKGROUNDS))
+
+
+def _image_problem(rng: random.Random, deck: _LetterDeck, mode: str
+                   ) -> tuple[str, dict[str, str], Scene, dict]:
+    """An image question fit for ``mode``: (template name, params, scene, problems.json record)."""
+    names = [n for n, t in IMAGE_TEMPLATES.items() if mode not in _GRAYSCALE or not t.needs_colour]
+    name = rng.choices(names, weights=[IMAGE_TEMPLATES[n].weight for n in names])[0]
+    template = IMAGE_TEMPLATES[name]
+    params = {"position": rng.choice(list(POSITIONS.values())), "colour": rng.choice(_COLOUR_NAMES),
+              "shape": rng.choice(SHAPES)}
+    params = {k: v for k, v in params.items() if "{" + k + "}" in template.question}
+    # Answer first, scene second: the text then says nothing about which choice is right.
+    answer = rng.choice(template.answers)
+    scene = random_scene(rng)
+    while scene_answer(scene, name, params) != answer:
+        scene = random_scene(rng)
+    choices, index = _choices(rng, deck, answer, template.answers,
+                              rng.choice(template.n_choices))
+    grade = rng.randint(1, 6) if template.local else rng.randint(7, 12)
+    record = _record(
+        question=template.question.format(**params), choices=choices, answer=index,
+        hint=rng.choice(_IMAGE_HINTS) if rng.random() < 0.3 else "", image="image.png",
+        task=template.task, grade=grade, subject="natural science", topic=template.topic,
+        category=template.category, skill=template.skill, lecture=_LECTURES[template.topic],
+        solution=_solution(scene, name, params, answer))
+    return name, params, scene, record
+
+
+@dataclass(frozen=True)
+class _TextDraft:
+    """A text-only question before its choices are dealt."""
+
+    kind: str
+    hint: str
+    question: str
+    answer: str
+    answers: tuple[str, ...]
+    n_choices: int
+    topic: str
+    solution: str
+
+
+_NAMES = ("Mia", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Lily", "Ravi")
+_THINGS = ("marble", "apple", "pencil", "block", "balloon")
+_ITEMS = ("ball", "hat", "kite", "cup", "bike")
+_STORY_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+_ORDINALS = ("first", "second", "third")
+_CORNERS = {"circle": "no corners", "triangle": "three corners", "square": "four corners"}
+#: topic -> (subject, category, skill) of the text-only questions.
+_TEXT_TOPICS = {
+    "reading-comprehension": ("language science", "Read for details",
+                              "Find details in a short text"),
+    "community": ("social science", "Order and sequence", "Find a place in a line"),
+    "shapes": ("natural science", "Identify shapes", "Name a shape from its corners"),
+}
+
+
+def _count_story(rng: random.Random) -> _TextDraft:
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    total = rng.randint(2, 8)
+    first = rng.randint(1, total - 1)
+    c1, c2 = rng.sample(_STORY_COLOURS, 2)
+    return _TextDraft(
+        "count_story",
+        f"{name} has {_plural(first, f'{c1} {thing}')} and "
+        f"{_plural(total - first, f'{c2} {thing}')}.",
+        f"How many {thing}s does {name} have?", str(total), tuple(str(n) for n in range(2, 9)),
+        rng.choice((3, 4)), "reading-comprehension",
+        f"{name} has {first} + {total - first} = {total} {thing}s.")
+
+
+def _owner_colour(rng: random.Random) -> _TextDraft:
+    a, b = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    ca, cb = rng.sample(_STORY_COLOURS, 2)
+    who, colour = rng.choice(((a, ca), (b, cb)))
+    return _TextDraft(
+        "owner_colour", f"{a} has a {ca} {item}. {b} has a {cb} {item}.",
+        f"What color is {who}'s {item}?", colour, _STORY_COLOURS, rng.choice((2, 3, 4)),
+        "reading-comprehension", f"The text says that {who} has a {colour} {item}.")
+
+
+def _line_order(rng: random.Random) -> _TextDraft:
+    people = tuple(rng.sample(_NAMES, 3))
+    place = rng.randrange(3)
+    hint = (f"{people[0]}, {people[1]} and {people[2]} are waiting in line. {people[0]} is first, "
+            f"{people[1]} is second and {people[2]} is third.")
+    return _TextDraft(
+        "line_order", hint, f"Who is {_ORDINALS[place]} in line?", people[place], people,
+        rng.choice((2, 3)), "community", f"The text says that {people[place]} is "
+                                         f"{_ORDINALS[place]}.")
+
+
+def _shape_corners(rng: random.Random) -> _TextDraft:
+    shape = rng.choice(SHAPES)
+    return _TextDraft(
+        "shape_corners", "", f"Which shape has {_CORNERS[shape]}?", shape, SHAPES,
+        rng.choice((2, 3)), "shapes", f"A {shape} has {_CORNERS[shape]}.")
+
+
+def _text_problem(rng: random.Random, deck: _LetterDeck) -> tuple[str, dict]:
+    """A problem without an image, answered from its hint (or from the question alone)."""
+    draft = rng.choice((_count_story, _owner_colour, _line_order, _shape_corners))(rng)
+    choices, index = _choices(rng, deck, draft.answer, draft.answers, draft.n_choices)
+    subject, category, skill = _TEXT_TOPICS[draft.topic]
+    record = _record(
+        question=draft.question, choices=choices, answer=index, hint=draft.hint, image=None,
+        task="closed choice", grade=rng.randint(1, 6), subject=subject, topic=draft.topic,
+        category=category, skill=skill, lecture=_LECTURES[draft.topic],
+        solution=f"{draft.solution} So, the answer is {draft.answer}.")
+    return draft.kind, record
+
+
+def _record(*, question: str, choices: list[str], answer: int, hint: str, image: str | None,
+            task: str, grade: int, subject: str, topic: str, category: str, skill: str,
+            lecture: str, solution: str) -> dict:
+    """A problems.json record, its fields in the real file's order (split is set later)."""
+    return {"question": question, "choices": choices, "answer": answer, "hint": hint,
+            "image": image, "task": task, "grade": f"grade{grade}", "subject": subject,
+            "topic": topic, "category": category, "skill": skill, "lecture": lecture,
+            "solution": solution, "split": ""}
+
+
+def generate_problems(split: str, n: int, seed: int = 0) -> list[DemoProblem]:
+    """The first ``n`` problems of ``split`` for ``seed``, with their scenes (no I/O).
+
+    The first n problems are the same for any larger n, and no split depends on another's size.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    rng = random.Random(f"vtkit-demo:{seed}:{split}")
+    deck = _LetterDeck(rng)
+    kinds: list[str] = []
+    sizes: list[tuple[int, int]] = []
+    problems = []
+    for i in range(n):
+        if not kinds:
+            kinds = rng.sample(_BLOCK_KINDS, len(_BLOCK_KINDS))
+            sizes = rng.sample(_BLOCK_SIZES, len(_BLOCK_SIZES))
+        kind = kinds.pop()
+        pid = str(3 * i + _PID_OFFSET[split])
+        if kind == "text":
+            template, record = _text_problem(rng, deck)
+            problem = DemoProblem(pid, record, template, {}, None, None, None)
+        else:
+            template, params, scene, record = _image_problem(rng, deck, kind)
+            problem = DemoProblem(pid, record, template, params, scene, kind, sizes.pop())
+        record["split"] = split
+        problems.append(problem)
+    return problems
+
+
+def scene_to_image(scene: Scene, pixel: tuple[float, float], size: tuple[int, int]
+                   ) -> tuple[int, int]:
+    """Where scene point ``pixel`` lands in an image of ``size``: the scene fills the centred
+    square of side min(size), so both pad and centre-crop preprocessing keep every object."""
+    side = min(size)
+    scale = side / SCENE_SIZE
+    return ((size[0] - side) // 2 + round(pixel[0] * scale),
+            (size[1] - side) // 2 + round(pixel[1] * scale))
+
+
+def render_scene(scene: Scene, size: tuple[int, int] = (SCENE_SIZE, SCENE_SIZE),
+                 mode: str = "RGB") -> Image.Image:
+    """Draw ``scene`` into an image of ``size`` (width, height) and PIL ``mode``.
+
+    Modes: RGB; RGBA and LA (objects opaque, background transparent, its colour kept under the
+    alpha); P (an exact palette); L (grayscale, so only shapes, not colours, can be told apart).
+    """
+    image = Image.new("RGB", size, scene.background)
+    mask = Image.new("L", size, 0)
+    draw, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+    for obj in scene.objects:
+        x0, y0 = scene_to_image(scene, obj.box[:2], size)
+        x1, y1 = scene_to_image(scene, obj.box[2:], size)
+        box = (x0, y0, x1 - 1, y1 - 1)
+        for target, fill in ((draw, COLOURS[obj.colour]), (draw_mask, 255)):
+            if obj.shape == "circle":
+                target.ellipse(box, fill=fill)
+            elif obj.shape == "square":
+                target.rectangle(box, fill=fill)
+            else:
+                target.polygon([(x0, y1 - 1), ((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1)],
+                               fill=fill)
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        # Few flat colours, so an adaptive palette holds every one of them exactly.
+        return image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    if mode in ("L", "LA"):
+        image = image.convert("L")
+    if mode in ("RGBA", "LA"):
+        image.putalpha(mask)
+    if image.mode != mode:
+        raise ValueError(f"unsupported image mode {mode!r}")
+    return image
+
+
+def write_demo_scienceqa(out_dir: Path, seed: int = 0, n_test: int = 60, n_train: int = 0,
+                         n_val: int = 0, *, reporter: Reporter | None = None) -> Path:
+    """Write a synthetic ScienceQA folder in the real layout and return ``out_dir``.
+
+    ``out_dir`` gets problems.json (every field), pid_splits.json (train, val, test, trainval,
+    minitrain, minival, minitest), llava_test_CQM-A.json (built by vtkit.data, as for real data)
+    and images/<split>/<pid>/image.png for the image problems. An existing ``out_dir/images`` is
+    replaced, so no stale image survives. Same arguments, same bytes.
+    """
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    for split, n in counts.items():
+        if n < 0:
+            raise UsageError(f"number of {split} problems must be >= 0, got {n}")
+    generated = {split: generate_problems(split, n, seed) for split, n in counts.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "images").exists():
+        shutil.rmtree(out_dir / "images")
+    with_images = [p for split in SPLITS for p in generated[split] if p.scene is not None]
+    with (reporter or Reporter()).task("demo images", total=len(with_images),
+                                       unit="images") as task:
+        for p in with_images:
+            folder = out_dir / "images" / p.problem["split"] / p.pid
+            folder.mkdir(parents=True)
+            render_scene(p.scene, p.size, p.mode).save(folder / "image.png", format="PNG")
+            task.advance()
+
+    by_pid = sorted((p for split in SPLITS for p in generated[split]), key=lambda p: int(p.pid))
+    problems = {p.pid: p.problem for p in by_pid}
+    splits = {split: [p.pid for p in generated[split]] for split in SPLITS}
+    splits["trainval"] = splits["train"] + splits["val"]
+    for split in SPLITS:
+        # A seeded tenth of each split, in split order, as the real mini splits are.
+        chosen = set(random.Random(f"vtkit-demo:{seed}:mini{split}").sample(
+            splits[split], len(splits[split]) // 10))
+        splits[f"mini{split}"] = [pid for pid in splits[split] if pid in chosen]
+    _write_json(out_dir / "problems.json", problems)
+    _write_json(out_dir / "pid_splits.json", splits)
+    entries = build_question_entries(problems, splits["test"], "CQM-A")
+    write_question_file(entries, out_dir / "llava_test_CQM-A.json")
+    return out_dir
+
+
+def write_demo(out_dir: Path, seed: int = 0, n_test: int = 60, *,
+               reporter: Reporter | None = None) -> dict[str, Path]:
+    """Write the whole demo into ``out_dir``: ``scienceqa/`` (:func:`write_demo_scienceqa`) and
+    the tiny LLaVA checkpoints (:func:`vtkit.tiny.build_tiny_checkpoints`).
+
+    Returns the written paths: {"scienceqa": ..., then the checkpoint folders by name}.
+    """
+    # torch is only needed for the checkpoints; generating data should not pay for importing it.
+    from vtkit.tiny import build_tiny_checkpoints
+
+    out_dir = Path(out_dir)
+    paths = {"scienceqa": write_demo_scienceqa(out_dir / "scienceqa", seed=seed, n_test=n_test,
+                                               reporter=reporter)}
+    paths.update(build_tiny_checkpoints(out_dir, seed=seed))
+    return paths
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def chance_accuracy(problems: Mapping[str, dict], pids: Iterable[str]) -> float:
+    """Expected accuracy of uniform guessing: the mean of 1 / number of choices."""
+    pids = list(pids)
+    return sum(1 / len(problems[pid]["choices"]) for pid in pids) / len(pids)
+
+
+# Colour, shape and position words, blanked to turn a question into its template.
+_VOCAB = re.compile(r"\b(" + "|".join(sorted([*COLOURS, *SHAPES, *POSITIONS.values()],
+                                             key=len, reverse=True)) + r")s?\b")
+
+
+def text_only_baseline(problems: Mapping[str, dict], pids: Iterable[str]) -> float:
+    """Accuracy on ``pids`` of the best of a few text-only guessers, each by two-fold
+    cross-validation (learn on one half of ``pids``, answer the other, then the reverse).
+
+    Each guesser picks the choice text most often correct among learnt problems that share a
+    key (nothing; the choice set; the question template, with colour, shape and position words
+    blanked, and choice set; the whole hint, question and choice set), ties going to the letter
+    most often correct for that number of choices; one more guesser uses the letter alone. On a
+    task whose text says nothing about the answer this scores about :func:`chance_accuracy`
+    (a little above, as it is the best of five).
+    """
+    pids = list(pids)
+    return max(_cross_validate(problems, pids, key) for key in _GUESSER_KEYS)
+
+
+def _cross_validate(problems: Mapping[str, dict], pids: list[str], key) -> float:
+    halves = (pids[0::2], pids[1::2])
+    correct = 0
+    for learn, answer in (halves, halves[::-1]):
+        texts: dict[tuple, Counter] = {}
+        letters: dict[int, Counter] = {}
+        for pid in learn:
+            problem = problems[pid]
+            if key is not None:
+                correct_text = problem["choices"][problem["answer"]]
+                texts.setdefault(key(problem), Counter())[correct_text] += 1
+            letters.setdefault(len(problem["choices"]), Counter())[problem["answer"]] += 1
+        for pid in answer:
+            problem = problems[pid]
+            by_text = texts.get(key(problem), Counter()) if key is not None else Counter()
+            by_letter = letters.get(len(problem["choices"]), Counter())
+            guess = max(range(len(problem["choices"])),
+                        key=lambda i, p=problem, t=by_text, b=by_letter: (t[p["choices"][i]], b[i]))
+            correct += guess == problem["answer"]
+    return correct / len(pids)
+
+
+# What the text-only guessers condition on (None: the letter alone).
+_GUESSER_KEYS = (
+    None,
+    lambda p: (),
+    lambda p: (frozenset(p["choices"]),),
+    lambda p: (_VOCAB.sub("_", p["question"]), frozenset(p["choices"])),
+    lambda p: (p["hint"], p["question"], frozenset(p["choices"])),
+)
