@@ -1,0 +1,206 @@
+"""`vtkit plot`: results JSON, normalisation, bootstrap band, figure files and the CLI."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from sweepfile import TOKEN_COUNTS, write_sweep
+from typer.testing import CliRunner
+
+from vtkit.cli.main import app
+from vtkit.errors import CacheMismatchError, DataError
+from vtkit.plot import (
+    NORMALIZED_SERIES,
+    PlotConfig,
+    _results_figure,
+    accuracy_percent,
+    bootstrap_accuracy_band,
+    make_plots,
+    min_max_normalize,
+)
+from vtkit.progress import RecordingReporter
+from vtkit.rank import RankConfig, compute_ranks
+
+runner = CliRunner()
+
+RAW_KEYS = ["token_counts", "accuracies", "img_accuracies", "first_layer_ranks",
+            "last_layer_ranks", "first_layer_effective_ranks", "last_layer_effective_ranks"]
+
+
+def _ranked_run(directory, **kwargs):
+    write_sweep(directory, **kwargs)
+    compute_ranks(RankConfig(directory))
+    return directory
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _assert_pdf(path):
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF-")
+    assert data.rstrip().endswith(b"%%EOF")
+
+
+@pytest.fixture(scope="module")
+def plotted(tmp_path_factory):
+    """One run plotted once (figures at 300 dpi take a moment), with a compare run."""
+    run = _ranked_run(tmp_path_factory.mktemp("run"), n_questions=12, n_image=7)
+    other = tmp_path_factory.mktemp("other") / "random-run"
+    write_sweep(other, scorer="random", seed=1)
+    reporter = RecordingReporter()
+    result = make_plots(PlotConfig(run, compare=[other, run]), reporter)
+    return run, result, reporter
+
+
+def test_accuracy_percent():
+    correct = np.array([[True, True, False, False], [True, False, False, False]])
+    np.testing.assert_allclose(accuracy_percent(correct), [50.0, 25.0])
+    np.testing.assert_allclose(accuracy_percent(correct, np.array([0, 1, 0, 0], bool)),
+                               [100.0, 0.0])
+    assert np.isnan(accuracy_percent(correct, np.zeros(4, bool))).all()
+
+
+def test_min_max_normalize():
+    values, constant = min_max_normalize(np.array([2.0, 4.0, 3.0]))
+    np.testing.assert_allclose(values, [0.0, 1.0, 0.5])
+    assert not constant
+    values, constant = min_max_normalize(np.array([7.0, 7.0, 7.0]))
+    assert constant and values.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_bootstrap_band_is_seeded_and_brackets_the_accuracy():
+    rng = np.random.default_rng(0)
+    correct = rng.random((5, 400)) < np.linspace(0.9, 0.3, 5)[:, None]
+    low, high = bootstrap_accuracy_band(correct, samples=500, seed=3)
+    again = bootstrap_accuracy_band(correct, samples=500, seed=3)
+    np.testing.assert_array_equal(low, again[0])
+    accuracy = accuracy_percent(correct)
+    assert (low < accuracy).all() and (accuracy < high).all()
+    # A binomial 95% interval on 400 questions is about +-2 * sqrt(p(1-p)/400): 3-5 points wide.
+    assert ((high - low) > 2.0).all() and ((high - low) < 12.0).all()
+    all_right = bootstrap_accuracy_band(np.ones((2, 50), bool), samples=100)
+    assert all_right[0].tolist() == [100.0, 100.0] == all_right[1].tolist()
+
+
+def test_json_files_have_the_keys_and_lengths(plotted):
+    run, result, _ = plotted
+    raw = json.loads((run / "raw_results.json").read_text())
+    normalized = json.loads((run / "normalized_results.json").read_text())
+    for key in RAW_KEYS:
+        assert len(raw[key]) == len(TOKEN_COUNTS), key
+    assert raw["token_counts"] == list(TOKEN_COUNTS)
+    meta = raw["meta"]
+    assert meta["model"] == "llava-tiny-hf" and meta["scorer"] == "l2"
+    assert meta["threshold"] == 1e-3 and meta["random_init"] is False
+    assert meta["n_questions"] == 12 and meta["n_image_questions"] == 7
+    assert meta["sweep_fingerprint"] == "sweep-0-l2" and "vtkit_version" in meta
+    # Rank-5 synthetic attention outputs: rank 5 at every k, for both layers.
+    assert raw["first_layer_ranks"] == [5.0] * len(TOKEN_COUNTS)
+    for key, value in raw.items():
+        assert normalized[key] == value, key
+    for normalized_key in NORMALIZED_SERIES.values():
+        series = normalized[normalized_key]
+        assert len(series) == len(TOKEN_COUNTS)
+        assert min(series) >= 0.0 and max(series) <= 1.0
+    accuracies = np.array(raw["accuracies"])
+    expected = (accuracies - accuracies.min()) / (accuracies.max() - accuracies.min())
+    np.testing.assert_allclose(normalized["normalized_accuracies"], expected)
+    assert result.raw_results == raw
+
+
+def test_constant_series_normalise_to_zeros_with_a_warning(plotted):
+    run, result, reporter = plotted
+    normalized = json.loads((run / "normalized_results.json").read_text())
+    # Every question keeps rank 5 at every k in the synthetic sweep.
+    assert normalized["normalized_first_layer_ranks"] == [0.0] * len(TOKEN_COUNTS)
+    warnings = [text for kind, text in reporter.messages if kind == "warn"]
+    assert any("first_layer_ranks" in text for text in warnings)
+    assert "first_layer_ranks" in result.constant_series
+    assert "accuracies" not in result.constant_series
+
+
+def test_constant_accuracy_warns(tmp_path):
+    run = _ranked_run(tmp_path, correct=np.ones((len(TOKEN_COUNTS), 10), bool))
+    reporter = RecordingReporter()
+    result = make_plots(PlotConfig(run, bootstrap_samples=50), reporter)
+    normalized = json.loads((run / "normalized_results.json").read_text())
+    assert normalized["accuracies"] == [100.0] * len(TOKEN_COUNTS)
+    assert normalized["normalized_accuracies"] == [0.0] * len(TOKEN_COUNTS)
+    assert {"accuracies", "img_accuracies"} <= set(result.constant_series)
+    warnings = " ".join(text for kind, text in reporter.messages if kind == "warn")
+    assert "accuracies" in warnings and "img_accuracies" in warnings
+
+
+def test_figure_files_are_valid_png_and_pdf(plotted):
+    run, result, _ = plotted
+    for stem in ("pruning_experiment_results", "pruning_experiment_raw",
+                 "pruning_experiment_compare"):
+        # 10 x 6 inches at 300 dpi.
+        assert _png_size(run / f"{stem}.png") == (3000, 1800)
+        _assert_pdf(run / f"{stem}.pdf")
+        assert run / f"{stem}.png" in result.files
+
+
+def test_results_figure_axes(plotted):
+    run, _, _ = plotted
+    normalized = json.loads((run / "normalized_results.json").read_text())
+    figure = _results_figure(normalized, "title (random weights)")
+    axes = figure.axes[0]
+    assert axes.get_xlim() == (576, 20)
+    assert axes.get_ylim() == (0.0, 1.0)
+    assert [line.get_color() for line in axes.get_lines()] == ["tab:blue", "tab:red", "tab:green"]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == \
+        ["Accuracy", "First-layer rank", "Last-layer rank"]
+
+
+def test_missing_ranks_or_stale_ranks(tmp_path):
+    write_sweep(tmp_path)
+    with pytest.raises(DataError, match="ranks.json.*vtkit rank"):
+        make_plots(PlotConfig(tmp_path))
+    compute_ranks(RankConfig(tmp_path))
+    write_sweep(tmp_path, seed=5)
+    with pytest.raises(CacheMismatchError, match="another sweep.h5"):
+        make_plots(PlotConfig(tmp_path))
+
+
+def test_compare_with_a_missing_run(tmp_path):
+    run = _ranked_run(tmp_path / "run")
+    with pytest.raises(DataError, match="--compare .*nowhere"):
+        make_plots(PlotConfig(run, compare=[tmp_path / "nowhere"], bootstrap_samples=10))
+
+
+def test_cli_plot(tmp_path):
+    run = _ranked_run(tmp_path / "run", random_init=True)
+    result = runner.invoke(app, ["plot", "--output-dir", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["meta"]["random_init"] is True
+    assert str(run / "pruning_experiment_results.png") in doc["files"]
+    assert not (run / "pruning_experiment_compare.png").exists()
+
+
+def test_cli_plot_errors(tmp_path):
+    result = runner.invoke(app, ["plot", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "vtkit sweep" in result.stderr
+    write_sweep(tmp_path, complete=False)
+    result = runner.invoke(app, ["plot", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "incomplete" in result.stderr
+    write_sweep(tmp_path)
+    result = runner.invoke(app, ["plot", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error:") and "vtkit rank" in result.stderr
+
+
+def test_cli_plot_help():
+    result = runner.invoke(app, ["plot", "--help"])
+    assert result.exit_code == 0
+    assert "--compare" in result.stdout and "--output-dir" in result.stdout
+    assert "vtkit plot" in result.stdout

@@ -1,0 +1,341 @@
+"""Stage 4: results JSON and figures of accuracy and rank against the number of visual tokens.
+
+Reads ``sweep.h5`` (which answers were correct at each k) and ``ranks.json`` (from `vtkit
+rank`), and writes to the same output dir:
+
+- ``raw_results.json``: token counts as swept, accuracy and IMG accuracy (percent), mean
+  numerical and effective ranks of the first and last layer, and a ``meta`` block;
+- ``normalized_results.json``: the same plus every series min-max normalised to [0, 1];
+- ``pruning_experiment_results.png``/``.pdf``: the normalised series against k;
+- ``pruning_experiment_raw.png``/``.pdf``: raw accuracy with a 95% bootstrap band over questions
+  and the mean ranks with their std, on twin axes;
+- ``pruning_experiment_compare.png``/``.pdf`` (with ``compare``): accuracy of several runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from vtkit import __version__
+from vtkit.errors import CacheMismatchError, DataError
+from vtkit.progress import Reporter
+from vtkit.rank import LAYERS, RANKS_FILE, SWEEP_FILE, open_sweep, sweep_meta
+
+RAW_RESULTS_FILE = "raw_results.json"
+NORMALIZED_RESULTS_FILE = "normalized_results.json"
+RESULTS_FIGURE = "pruning_experiment_results"
+RAW_FIGURE = "pruning_experiment_raw"
+COMPARE_FIGURE = "pruning_experiment_compare"
+#: Resolution of the PNG figures (the PDFs are vector).
+DPI = 300
+#: Figure size in inches: 3000 x 1800 pixels at 300 dpi.
+FIGSIZE = (10.0, 6.0)
+
+#: Series that get a min-max normalised copy, raw key -> normalised key.
+NORMALIZED_SERIES = {
+    "accuracies": "normalized_accuracies",
+    "img_accuracies": "normalized_img_accuracies",
+    "first_layer_ranks": "normalized_first_layer_ranks",
+    "last_layer_ranks": "normalized_last_layer_ranks",
+    "first_layer_effective_ranks": "normalized_first_layer_effective_ranks",
+    "last_layer_effective_ranks": "normalized_last_layer_effective_ranks",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def accuracy_percent(correct: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+    """Percent of True per row of ``correct`` [n_k, n_q], over ``columns`` (a bool mask) if given.
+
+    An empty selection gives NaN (there is no accuracy over zero questions).
+    """
+    correct = np.asarray(correct, dtype=bool)
+    if columns is not None:
+        correct = correct[:, np.asarray(columns, dtype=bool)]
+    if correct.shape[1] == 0:
+        return np.full(correct.shape[0], np.nan)
+    return correct.mean(axis=1) * 100.0
+
+
+def min_max_normalize(values: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(values - min) / (max - min)``, and whether the series was constant (then all zeros)."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = np.nanmin(values), np.nanmax(values)
+    if not high > low:
+        return np.zeros_like(values), True
+    return (values - low) / (high - low), False
+
+
+def bootstrap_accuracy_band(correct: np.ndarray, samples: int = 1000, seed: int = 0,
+                            level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap band of accuracy (percent) per k, resampling questions.
+
+    ``correct`` is [n_k, n_q]. Each bootstrap sample draws n_q questions with replacement and
+    uses the same draw for every k, so the band reflects which questions were asked. Returns
+    ``(low, high)``, each [n_k].
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    n_k, n_q = correct.shape
+    if n_q == 0:
+        nan = np.full(n_k, np.nan)
+        return nan, nan
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_q, size=(samples, n_q))
+    # How often each question was drawn in each sample: accuracy is then one matrix product.
+    offsets = draws + (np.arange(samples) * n_q)[:, None]
+    weights = np.bincount(offsets.ravel(), minlength=samples * n_q).reshape(samples, n_q)
+    accuracies = correct @ weights.T.astype(np.float64) / n_q * 100.0
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(accuracies, [tail, 100.0 - tail], axis=1)
+    return low, high
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class PlotConfig:
+    """What `vtkit plot` needs: the run's output dir, other runs to compare, the bootstrap."""
+
+    output_dir: Path
+    compare: list[Path] = field(default_factory=list)
+    bootstrap_samples: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class PlotResult:
+    """The files `vtkit plot` wrote and the raw results document."""
+
+    files: list[Path]
+    raw_results: dict[str, Any]
+    constant_series: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": [str(p) for p in self.files], "constant_series": self.constant_series,
+                **self.raw_results}
+
+
+def _load_ranks(output_dir: Path, sweep_fingerprint: str) -> dict[str, Any]:
+    path = output_dir / RANKS_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `vtkit rank` first")
+    try:
+        ranks = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error}): re-run `vtkit rank`") from None
+    if ranks.get("meta", {}).get("sweep_fingerprint") != sweep_fingerprint:
+        raise CacheMismatchError(f"{path} was computed from another sweep.h5 (fingerprint "
+                                 f"{ranks.get('meta', {}).get('sweep_fingerprint')!r}, sweep.h5 "
+                                 f"has {sweep_fingerprint!r}): re-run `vtkit rank`")
+    return ranks
+
+
+def _read_correct(output_dir: Path) -> tuple[dict[str, Any], list[int], np.ndarray, np.ndarray]:
+    """Meta, token counts, correct [n_k, n_q] and has_image [n_q] from a finished sweep.h5."""
+    with open_sweep(output_dir) as handle:
+        meta = sweep_meta(handle)
+        token_counts = [int(k) for k in handle["token_counts"][()]]
+        correct = np.asarray(handle["correct"][()], dtype=bool)
+        has_image = np.asarray(handle["has_image"][()], dtype=bool)
+    if correct.shape != (len(token_counts), has_image.shape[0]):
+        raise DataError(f"{output_dir / SWEEP_FILE}: 'correct' has shape {correct.shape}, "
+                        f"expected ({len(token_counts)}, {has_image.shape[0]})")
+    return meta, token_counts, correct, has_image
+
+
+def _rounded(values: np.ndarray) -> list[float | None]:
+    """JSON-ready floats: NaN (an accuracy over no questions) becomes null."""
+    return [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=np.float64)]
+
+
+def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResult:
+    """Write the results JSON files and figures of one run (see the module docstring).
+
+    Raises DataError when sweep.h5 or ranks.json is missing or malformed, CacheMismatchError
+    when ranks.json was computed from another sweep.h5.
+    """
+    reporter = reporter or Reporter()
+    output_dir = Path(config.output_dir)
+    meta, token_counts, correct, has_image = _read_correct(output_dir)
+    ranks = _load_ranks(output_dir, meta["sweep_fingerprint"])
+    if ranks.get("token_counts") != token_counts:
+        raise CacheMismatchError(f"{output_dir / RANKS_FILE} has other token counts than "
+                                 f"{output_dir / SWEEP_FILE}: re-run `vtkit rank`")
+    # Other runs are read first, so a bad --compare dir fails before anything is written.
+    others = [(Path(d), _load_run(Path(d))) for d in config.compare
+              if Path(d).resolve() != output_dir.resolve()]
+
+    raw: dict[str, Any] = {
+        "meta": {
+            "model": meta["model_id"],
+            "scorer": meta["scorer"],
+            "threshold": ranks["meta"]["threshold"],
+            "n_questions": int(has_image.shape[0]),
+            "n_image_questions": int(has_image.sum()),
+            "vtkit_version": __version__,
+            "random_init": meta["random_init"],
+            "sweep_fingerprint": meta["sweep_fingerprint"],
+            "layers": meta["layers"],
+            "bootstrap_samples": config.bootstrap_samples,
+            "bootstrap_seed": config.seed,
+        },
+        "token_counts": token_counts,
+        "accuracies": _rounded(accuracy_percent(correct)),
+        "img_accuracies": _rounded(accuracy_percent(correct, has_image)),
+    }
+    for layer in LAYERS:
+        raw[f"{layer}_ranks"] = ranks[layer]["numerical_rank_mean"]
+        raw[f"{layer}_effective_ranks"] = ranks[layer]["effective_rank_mean"]
+    for layer in LAYERS:
+        raw[f"{layer}_ranks_std"] = ranks[layer]["numerical_rank_std"]
+    low, high = bootstrap_accuracy_band(correct, config.bootstrap_samples, config.seed)
+    raw["accuracies_ci95_low"], raw["accuracies_ci95_high"] = _rounded(low), _rounded(high)
+
+    normalized = dict(raw)
+    constant = []
+    for key, normalized_key in NORMALIZED_SERIES.items():
+        values, is_constant = min_max_normalize(np.array(raw[key], dtype=np.float64))
+        normalized[normalized_key] = _rounded(values)
+        if is_constant:
+            constant.append(key)
+            reporter.warn(f"{key} is constant over k; {normalized_key} is all zeros")
+
+    files = [_write_json(output_dir / RAW_RESULTS_FILE, raw),
+             _write_json(output_dir / NORMALIZED_RESULTS_FILE, normalized)]
+    title = _title(meta["model_id"], meta["scorer"], meta["random_init"])
+    files += _save(_results_figure(normalized, title), output_dir / RESULTS_FIGURE)
+    files += _save(_raw_figure(raw, title), output_dir / RAW_FIGURE)
+    if config.compare:
+        files += _save(_compare_figure([(output_dir, raw), *others]), output_dir / COMPARE_FIGURE)
+    for path in files:
+        reporter.info(f"wrote {path}")
+    return PlotResult(files=files, raw_results=raw, constant_series=constant)
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> Path:
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.replace(path)
+    return path
+
+
+def _load_run(run_dir: Path) -> dict[str, Any]:
+    """Token counts, accuracies and meta of another run: its raw_results.json, else sweep.h5."""
+    run_dir = Path(run_dir)
+    raw_path = run_dir / RAW_RESULTS_FILE
+    if raw_path.is_file():
+        try:
+            raw = json.loads(raw_path.read_text())
+            return {"token_counts": raw["token_counts"], "accuracies": raw["accuracies"],
+                    "meta": {"scorer": raw["meta"]["scorer"], "model": raw["meta"]["model"]}}
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{raw_path} is not a vtkit raw_results.json ({error!r})") from None
+    if not (run_dir / SWEEP_FILE).is_file():
+        raise DataError(f"--compare {run_dir}: neither {RAW_RESULTS_FILE} nor {SWEEP_FILE} found")
+    meta, token_counts, correct, _ = _read_correct(run_dir)
+    return {"token_counts": token_counts, "accuracies": _rounded(accuracy_percent(correct)),
+            "meta": {"scorer": meta["scorer"], "model": meta["model_id"]}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (object-oriented matplotlib on the Agg canvas: no GUI backend, no global state)
+
+
+def _title(model: str, scorer: str, random_init: bool) -> str:
+    title = f"Visual-token pruning: {model}, scorer {scorer}"
+    return title + " (random weights)" if random_init else title
+
+
+def _new_axes(title: str):
+    figure = Figure(figsize=FIGSIZE, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    axes.set_xlabel("Number of visual tokens kept (k)")
+    axes.grid(True, alpha=0.3)
+    return figure, axes
+
+
+def _k_axis(axes, token_counts: list[int]) -> None:
+    # Pruning reads left to right: all 576 tokens on the left, the fewest on the right.
+    axes.set_xlim(max(token_counts), min(token_counts))
+
+
+def _results_figure(normalized: dict[str, Any], title: str) -> Figure:
+    figure, axes = _new_axes(title)
+    k = normalized["token_counts"]
+    for key, label, color in (
+        ("normalized_accuracies", "Accuracy", "tab:blue"),
+        ("normalized_first_layer_ranks", "First-layer rank", "tab:red"),
+        ("normalized_last_layer_ranks", "Last-layer rank", "tab:green"),
+    ):
+        axes.plot(k, _floats(normalized[key]), color=color, label=label, marker="o",
+                  markersize=3, linewidth=1.5, clip_on=False)
+    _k_axis(axes, k)
+    axes.set_ylim(0.0, 1.0)
+    axes.set_ylabel("Min-max normalised value")
+    axes.legend(loc="best")
+    return figure
+
+
+def _raw_figure(raw: dict[str, Any], title: str) -> Figure:
+    figure, axes = _new_axes(title)
+    k = raw["token_counts"]
+    axes.fill_between(k, _floats(raw["accuracies_ci95_low"]), _floats(raw["accuracies_ci95_high"]),
+                      color="tab:blue", alpha=0.2, linewidth=0, label="Accuracy 95% bootstrap")
+    axes.plot(k, _floats(raw["accuracies"]), color="tab:blue", marker="o", markersize=3,
+              label="Accuracy (all questions)")
+    axes.plot(k, _floats(raw["img_accuracies"]), color="tab:blue", linestyle="--",
+              label="IMG accuracy")
+    axes.set_ylabel("Accuracy (%)", color="tab:blue")
+    ranks = axes.twinx()
+    for layer, label, color in (("first_layer", "First-layer rank", "tab:red"),
+                                ("last_layer", "Last-layer rank", "tab:green")):
+        mean = np.array(raw[f"{layer}_ranks"], dtype=np.float64)
+        std = np.array(raw[f"{layer}_ranks_std"], dtype=np.float64)
+        ranks.fill_between(k, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        ranks.plot(k, mean, color=color, marker="s", markersize=3, label=f"{label} (mean ± std)")
+    ranks.set_ylabel(f"Numerical rank (threshold {raw['meta']['threshold']:g})")
+    _k_axis(axes, k)
+    handles, labels = axes.get_legend_handles_labels()
+    more_handles, more_labels = ranks.get_legend_handles_labels()
+    axes.legend(handles + more_handles, labels + more_labels, loc="best")
+    return figure
+
+
+def _compare_figure(runs: list[tuple[Path, dict[str, Any]]]) -> Figure:
+    figure, axes = _new_axes("Accuracy against visual tokens kept")
+    all_k: list[int] = []
+    for run_dir, run in runs:
+        label = f"{Path(run_dir).resolve().name} ({run['meta']['scorer']})"
+        axes.plot(run["token_counts"], _floats(run["accuracies"]), marker="o", markersize=3,
+                  label=label)
+        all_k += list(run["token_counts"])
+    _k_axis(axes, all_k)
+    axes.set_ylabel("Accuracy (%)")
+    axes.legend(loc="best")
+    return figure
+
+
+def _floats(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _save(figure: Figure, stem: Path) -> list[Path]:
+    """Write ``stem.png`` (DPI) and ``stem.pdf``; the PDF carries no creation date, so the same
+    inputs give the same bytes."""
+    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
+    figure.savefig(png, dpi=DPI)
+    figure.savefig(pdf, metadata={"CreationDate": None})
+    return [png, pdf]
