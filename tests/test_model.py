@@ -91,6 +91,9 @@ def test_interface_facts(hf_model, orig_model):
     assert hf_model.identity["format"] == "hf" and orig_model.identity["format"] == "original"
     assert hf_model.pad_token_id == V + 1 and orig_model.pad_token_id == 0  # <pad>, LLaVA's <unk>
     assert hf_model.image_token_id == V
+    # the class tokenizer_config.json names, not AutoTokenizer's pick for model_type llava
+    for model in (hf_model, orig_model):
+        assert type(model.tokenizer).__name__ == "LlamaTokenizer"
 
 
 def test_features_equal_transformers_stock_path(hf_model, pixels):

@@ -581,12 +581,26 @@ def _cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 # Loading
 
 
-def _load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a checkpoint directory (or cached repo id).
 
+    Loads the class that ``tokenizer_config.json`` names (``LlamaTokenizer`` for LLaVA and
+    Llama-2) instead of letting ``AutoTokenizer`` choose from ``config.json``: for
+    ``model_type: llava`` transformers 5.17's AutoTokenizer builds a generic tokenizer from a
+    bare ``tokenizer.model`` without Llama's leading-space handling, and the ids then differ from
+    the official ones (no 29871 around the image).
+    """
+    import transformers
+
+    directory = resolve_checkpoint_dir(path, flag="tokenizer")
+    settings = directory / "tokenizer_config.json"
+    name = json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None
+    tokenizer_class = getattr(transformers, name, None) if name else None
+    if not hasattr(tokenizer_class, "from_pretrained"):
+        tokenizer_class = transformers.AutoTokenizer
     try:
         with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(directory)
+            return tokenizer_class.from_pretrained(directory)
     except (OSError, ValueError, TypeError) as error:
         raise DataError(f"{directory}: cannot load its tokenizer: {error}") from None
 
@@ -773,7 +787,7 @@ def load_model(model_path: str | Path, model_base: str | Path | None = None, *,
     if random_init:
         identity["seed"] = seed
     mean, std = _image_processor_settings(checkpoint_dir if fmt == "hf" else clip_dir)
-    tokenizer = _load_tokenizer(base_dir if base_dir is not None else checkpoint_dir)
+    tokenizer = load_tokenizer(base_dir if base_dir is not None else checkpoint_dir)
     return LlavaModel(hf, tokenizer, identity, image_mean=mean, image_std=std,
                       image_mode_default=_image_mode_default(config, fmt))
 
