@@ -309,3 +309,18 @@ def test_tiny_tokenizer_is_reproducible_and_tokenizes_prompts(tmp_path, hf_model
     assert tokenizer.unk_token_id not in tokenizer(odd).input_ids
     assert tokenizer.decode(tokenizer(odd).input_ids, skip_special_tokens=True) == odd
     assert chunk_ids(hf_model.tokenizer, PROMPT) == [before, after]
+
+
+def test_convert_command(tmp_path, tiny_models):
+    from typer.testing import CliRunner
+
+    from vtkit.cli.main import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(tiny_models["hf"]), str(tmp_path / "out"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["source"]["format"] == "hf"
+    assert detect_format(tmp_path / "out") == "hf"
+    missing = runner.invoke(app, ["convert", str(tmp_path / "absent"), str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "absent" in missing.stderr
