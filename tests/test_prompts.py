@@ -155,7 +155,8 @@ def test_cli_prompts_bad_tokenizer(shared_dir, tmp_path):
         "prompts", "--question-file", str(shared_dir / "data/scienceqa/llava_test_CQM-A.json"),
         "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "none"),
         "--num-samples", "1"])
-    assert result.exit_code == 1 and "cannot load a tokenizer from" in result.stderr
+    assert result.exit_code == 1
+    assert "tokenizer" in result.stderr and str(tmp_path / "none") in result.stderr
 
 
 def test_cli_prompts_help():

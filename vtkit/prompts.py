@@ -134,20 +134,6 @@ def build_prompt_records(questions: Sequence[Question], tokenizer: Any, conv_mod
     return records
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer of a checkpoint directory or cached Hugging Face repo id (offline friendly).
-
-    A failure is a DataError naming the path.
-    """
-    from transformers import AutoTokenizer  # Heavy import; only commands that tokenize pay it.
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as error:  # transformers raises OSError, ValueError, ... for bad dirs.
-        message = " ".join(str(error).split())[:300]
-        raise DataError(f"cannot load a tokenizer from {path}: {message}") from None
-
-
 @dataclass
 class PromptsConfig:
     """What ``vtkit prompts`` needs: where the questions and tokenizer are, how to render."""
@@ -181,6 +167,8 @@ def write_prompts(config: PromptsConfig) -> list[PromptRecord]:
         raise UsageError("give --question-file, or --base-dir (or SCIENCEQA_DIR)")
     if not questions:
         raise DataError(f"no questions in {config.question_file}")
+    from vtkit.model import load_tokenizer  # heavy import; only commands that tokenize pay it
+
     tokenizer = load_tokenizer(config.tokenizer)
     records = build_prompt_records(questions, tokenizer, config.conv_mode,
                                    config.single_pred_prompt)
