@@ -70,7 +70,8 @@ def test_cache_holds_the_stock_features_and_scores(extracted, tiny_model, demo_s
     cached = torch.from_numpy(data["features"][2])[None]
     with torch.inference_mode():
         assert torch.equal(tiny_model.project(cached).reshape(stock.shape), stock)
-    assert np.array_equal(data["features"][2], features[0].numpy())
+    # Batched (extract) and single-image passes may differ in the last bit on some kernels.
+    np.testing.assert_allclose(data["features"][2], features[0].numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(data["scores/l2"][2], l2_scores(projected)[0].numpy(), rtol=1e-6)
     np.testing.assert_allclose(data["scores/cls"][2], cls[0].numpy(), rtol=1e-6)
     assert np.array_equal(data["scores/uniform"][0], uniform_scores(576))
