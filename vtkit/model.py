@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -464,6 +465,7 @@ class LlavaModel:
         self.num_layers = config.text_config.num_hidden_layers
         self.vocab_size = self.embed_tokens.num_embeddings
         self.image_token_id = config.image_token_id
+        self._cache_argument: str | None = None
 
     def __repr__(self) -> str:
         return (f"LlavaModel({self.identity['model_path']!r}, format={self.identity['format']}, "
@@ -556,6 +558,27 @@ class LlavaModel:
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The multimodal projector (Linear-GELU-Linear): [B, N, Dv] -> [B, N, hidden_size]."""
         return self.projector(features.to(self.device, self.dtype))
+
+    def new_cache(self):
+        """An empty KV cache for :meth:`run_decoder`."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def run_decoder(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """The language model over embeddings, extending ``cache``: last hidden states [B, L, D].
+
+        transformers renamed the cache argument (``past_key_values`` -> ``cache``) within 5.x;
+        the name this version takes is looked up once.
+        """
+        if self._cache_argument is None:
+            params = inspect.signature(self.language_model.forward).parameters
+            self._cache_argument = "cache" if "cache" in params else "past_key_values"
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=True,
+                                  **{self._cache_argument: cache})
+        return out.last_hidden_state
 
 
 def _run_clip_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

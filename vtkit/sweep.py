@@ -240,8 +240,6 @@ def prefill(model, items: list[_Item], visual: list[torch.Tensor] | None,
     With ``visual`` (one [k, D] tensor per item) the kept rows replace each image placeholder;
     with ``capture`` the first and last layers' attention outputs of those rows are kept.
     """
-    from transformers import DynamicCache
-
     embed, device = model.embed_tokens, model.device
     sequences, visual_starts = [], []
     for j, item in enumerate(items):
@@ -260,15 +258,14 @@ def prefill(model, items: list[_Item], visual: list[torch.Tensor] | None,
                                zip(sequences, visual_starts, strict=True)], device=device)
         capture.rows = starts[:, None] + torch.arange(k, device=device)[None, :]
         capture.captured = [None, None]
-    past = DynamicCache()
+    past = model.new_cache()
     try:
-        out = model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                   position_ids=positions, past_key_values=past, use_cache=True)
+        hidden = model.run_decoder(embeds, mask, positions, past)
     finally:
         if capture is not None:
             capture.rows = None
     captured = list(capture.captured) if capturing else [None, None]
-    logits = model.lm_head(out.last_hidden_state[:, -1])
+    logits = model.lm_head(hidden[:, -1])
     return Prefill(logits, past, mask, positions, captured, int(embeds.shape[0] * embeds.shape[1]))
 
 
@@ -293,10 +290,9 @@ def decode(model, items: list[_Item], state: Prefill, config: SweepConfig, k: in
             break
         mask = torch.cat([mask, mask.new_ones((len(items), 1))], dim=1)
         positions = positions[:, -1:] + 1
-        out = model.language_model(inputs_embeds=model.embed_tokens(token[:, None]),
-                                   attention_mask=mask, position_ids=positions,
-                                   past_key_values=state.past, use_cache=True)
-        logits = model.lm_head(out.last_hidden_state[:, -1])
+        hidden = model.run_decoder(model.embed_tokens(token[:, None]), mask, positions,
+                                   state.past)
+        logits = model.lm_head(hidden[:, -1])
     answers = []
     for row in torch.stack(steps, dim=1).tolist():
         if eos in row:
