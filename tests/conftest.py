@@ -14,7 +14,7 @@ SHARED = Path(os.environ.get("VTKIT_SHARED_DIR", ROOT.parent / "shared"))
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The project's shared reference data (real ScienceQA questions, Llama-2 tokenizer, vectors)."""
+    """The shared reference data (real ScienceQA questions, Llama-2 tokenizer, vectors)."""
     if not (SHARED / "data").is_dir():
         pytest.fail(f"shared reference data not found at {SHARED} (set VTKIT_SHARED_DIR)")
     return SHARED

@@ -172,9 +172,9 @@ def test_text_only_questions_run_once(tiny_models, demo_scienceqa, model, featur
     calls: list[tuple[int, tuple[str, ...]]] = []
     original = sweep_module.run_batch
 
-    def counting(model_, items, visual, config, capture, k):
+    def counting(model_, items, visual, config, capture, k, timer=None):
         calls.append((k, tuple(it.question.question_id for it in items)))
-        return original(model_, items, visual, config, capture, k)
+        return original(model_, items, visual, config, capture, k, timer)
 
     monkeypatch.setattr(sweep_module, "run_batch", counting)
     out = _fresh(features_dir, tmp_path, "count")

@@ -21,6 +21,7 @@ from vtkit import cache
 from vtkit.data import Question, Selection, select_questions
 from vtkit.errors import CacheMismatchError, DataError
 from vtkit.images import load_image, preprocess_images
+from vtkit.parallel import init_ranks
 from vtkit.progress import Reporter
 from vtkit.pruning import SCORERS, l2_scores, random_scores, uniform_scores
 
@@ -113,11 +114,12 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
                         f"questions; nothing to extract")
     stats = image_stats(selection, questions)
 
+    ranks = init_ranks(config.device)
     if model is None:
         from vtkit.model import load_model
 
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
-                           dtype=config.dtype, device=config.device)
+                           dtype=config.dtype, device=ranks.device(config.device))
     if model.identity.get("random_init"):
         reporter.warn("RANDOM WEIGHTS (--random-init): features are noise; for benchmarks only")
     feature_dtype = _feature_dtype(model.dtype)
@@ -136,22 +138,32 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
         if not config.force:
             raise CacheMismatchError(cache.mismatch_message(final, cache.stored_inputs(attrs),
                                                             inputs))
-        final.unlink()
+        ranks.barrier()   # every rank has read the old file before rank 0 removes it
+        if ranks.is_main:
+            final.unlink()
 
-    store = cache.PartStore(output_dir / PARTS_DIR, inputs).open(force=config.force)
+    store = cache.PartStore(output_dir / PARTS_DIR, inputs)
+    if ranks.is_main:
+        store.open(force=config.force)
+    ranks.barrier()
+    if not ranks.is_main:
+        store.open()
     done = set()
     for part in store.parts():
         with h5py.File(part, "r") as f:
             done.update(s.decode() for s in f["question_ids"][:])
-    todo = [q for q in questions if q.question_id not in done]
+    todo = ranks.share([q for q in questions if q.question_id not in done])
     if done:
         reporter.info(f"resuming: {len(done)} of {len(questions)} images already extracted")
 
     batch_size = config.batch_size or (32 if model.device.type == "cuda" else 8)
     computed = _run_vision(model, selection, todo, batch_size, config, store, reporter,
                            feature_dtype)
-    _merge(store, final, questions, stats, model, config, inputs, feature_dtype)
-    store.remove()
+    ranks.barrier()
+    if ranks.is_main:
+        _merge(store, final, questions, stats, model, config, inputs, feature_dtype)
+        store.remove()
+    ranks.barrier()
     size = final.stat().st_size
     reporter.info(f"wrote {final} ({len(questions)} images, {size / len(questions) / 1e6:.2f} MB "
                   f"per image)")

@@ -55,3 +55,56 @@ class RecordingReporter(Reporter):
 
     def table(self, title, columns, rows) -> None:
         self.tables.append((title, list(columns), [list(r) for r in rows]))
+
+
+class PhaseTimer:
+    """Time named phases of a stage (prefill, decode, spectra, ...) without stalling the GPU.
+
+    On CUDA each phase records a pair of events and nothing waits; :meth:`totals` synchronises
+    once and adds them up. On the CPU it reads the clock.
+    """
+
+    def __init__(self, device=None) -> None:
+        import torch
+
+        self._cuda = device is not None and getattr(device, "type", str(device)) == "cuda"
+        self._torch = torch
+        self._events: dict[str, list] = {}
+        self._seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self._cuda:
+            start = self._torch.cuda.Event(enable_timing=True)
+            end = self._torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.setdefault(name, []).append((start, end))
+        else:
+            import time
+
+            began = time.perf_counter()
+            yield
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - began
+
+    def totals(self) -> dict[str, float]:
+        """Seconds spent in each phase so far."""
+        totals = dict(self._seconds)
+        if self._events:
+            self._torch.cuda.synchronize()
+            for name, pairs in self._events.items():
+                totals[name] = totals.get(name, 0.0) + sum(
+                    s.elapsed_time(e) for s, e in pairs) / 1000.0
+        return totals
+
+
+class NullTimer:
+    """The timer stages use when nobody measures: phases cost nothing."""
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        yield
+
+    def totals(self) -> dict[str, float]:
+        return {}

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from vtkit import cache
 from vtkit.data import Question, select_questions
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import FEATURES_FILE
-from vtkit.progress import Reporter
+from vtkit.parallel import init_ranks
+from vtkit.progress import NullTimer, PhaseTimer, Reporter
 from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokenize_prompt
 from vtkit.pruning import (
     SCORERS,
@@ -302,10 +304,15 @@ def decode(model, items: list[_Item], state: Prefill, config: SweepConfig, k: in
 
 
 def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, config: SweepConfig,
-              capture: _AttentionCapture | None, k: int) -> tuple[list[str], list, int]:
+              capture: _AttentionCapture | None, k: int,
+              timer: PhaseTimer | NullTimer | None = None) -> tuple[list[str], list, int]:
     """Prefill and decode one batch: (answers, captured rows, prefill tokens)."""
-    state = prefill(model, items, visual, capture, k)
-    return decode(model, items, state, config, k), state.captured, state.tokens
+    timer = timer or NullTimer()
+    with timer.phase("prefill"):
+        state = prefill(model, items, visual, capture, k)
+    with timer.phase("decode"):
+        answers = decode(model, items, state, config, k)
+    return answers, state.captured, state.tokens
 
 
 def _answer_id(fingerprint: str, question_id: str, k: int) -> str:
@@ -342,9 +349,16 @@ def _load_extract_cache(path: Path, image_items: list[_Item], model) -> dict:
     return attrs
 
 
-def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None) -> SweepResult:
-    """Run (or resume, or confirm) the sweep into ``<output_dir>/sweep.h5``."""
+def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
+          timer: PhaseTimer | NullTimer | None = None) -> SweepResult:
+    """Run (or resume, or confirm) the sweep into ``<output_dir>/sweep.h5``.
+
+    Under torchrun every rank sweeps its share of the questions and rank 0 merges. ``timer``
+    (a :class:`vtkit.progress.PhaseTimer`) measures the phases for ``vtkit bench``.
+    """
     reporter = reporter or Reporter()
+    timer = timer or NullTimer()
+    ranks = init_ranks(config.device)
     started = time.perf_counter()
     if config.scorer not in SCORERS:
         raise UsageError(f"--scorer: unknown scorer {config.scorer!r} "
@@ -359,7 +373,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None) -> 
         from vtkit.model import load_model
 
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
-                           dtype=config.dtype, device=config.device)
+                           dtype=config.dtype, device=ranks.device(config.device))
     _check_tokens(config.tokens, model.num_patches)
     random_init = bool(model.identity.get("random_init"))
     if random_init:
@@ -400,8 +414,15 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None) -> 
         if not config.force:
             raise CacheMismatchError(cache.mismatch_message(final, cache.stored_inputs(attrs),
                                                             inputs))
-        final.unlink()
-    store = cache.PartStore(output_dir / PARTS_DIR, inputs).open(force=config.force)
+        ranks.barrier()   # every rank has read the old file before rank 0 removes it
+        if ranks.is_main:
+            final.unlink()
+    store = cache.PartStore(output_dir / PARTS_DIR, inputs)
+    if ranks.is_main:
+        store.open(force=config.force)
+    ranks.barrier()
+    if not ranks.is_main:
+        store.open()
 
     done: dict[int, set[int]] = {}
     for part in store.parts():
@@ -413,20 +434,30 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None) -> 
 
     budget = config.token_budget or default_token_budget(model)
     keep = {it.index for it in image_items[:max(config.keep_attention, 0)]}
-    tokens_done = _execute(model, config, store, items, image_items, text_items, done, budget,
-                           keep, features_path, reporter)
-    results = _merge(store, final, items, image_items, config, inputs, model, model_id,
-                     selection.problems, extract_attrs)
-    store.remove()
+    tokens_done = _execute(model, config, store, ranks.share(image_items),
+                           ranks.share(text_items), done, budget, keep, features_path, reporter,
+                           timer)
+    ranks.barrier()
+    if ranks.is_main:
+        results = _merge(store, final, items, image_items, config, inputs, model, model_id,
+                         selection.problems, extract_attrs)
+        store.remove()
+    ranks.barrier()
+    if not ranks.is_main:
+        results = read_accuracies(final)
     _report(results, reporter)
     return SweepResult(final, results, time.perf_counter() - started, tokens_done, False,
                        random_init)
 
 
-def _execute(model, config, store, items, image_items, text_items, done, budget, keep,
-             features_path, reporter) -> int:
-    """Plan the remaining (k, batch) work and run it, writing one part per batch."""
-    chunk_size = 256 if model.device.type == "cuda" else 1024
+def _execute(model, config, store, image_items, text_items, done, budget, keep,
+             features_path, reporter, timer) -> int:
+    """Plan the remaining (k, batch) work and run it, writing one part per batch.
+
+    Questions go in chunks whose projected features stay on the device for the whole grid, so
+    every question's features are read and projected once, not once per k.
+    """
+    chunk_size = 512 if model.device.type == "cuda" else 1024
     chunks = [image_items[i:i + chunk_size] for i in range(0, len(image_items), chunk_size)]
     text_todo = [it for it in text_items if it.index not in done.get(0, set())]
     plan: list[tuple[int, int, list[list[_Item]]]] = []   # (chunk, k, batches)
@@ -443,34 +474,39 @@ def _execute(model, config, store, items, image_items, text_items, done, budget,
     tokens_done = 0
     try:
         with reporter.task("sweep", total=total, unit="batches", work_unit="tokens") as task, \
-                h5py.File(features_path, "r") if image_items else _null() as features_file:
+                (h5py.File(features_path, "r") if image_items else nullcontext()) as features:
             for batch in text_batches:
-                answers, _, n = run_batch(model, batch, None, config, None, 0)
-                store.write(f"text-{batch[0].index:06d}", {
-                    "question_index": np.asarray([it.index for it in batch], dtype=np.int64),
-                    "answers": answers,
-                }, {"k": 0})
+                answers, _, n = run_batch(model, batch, None, config, None, 0, timer)
+                with timer.phase("write"):
+                    store.write(f"text-{batch[0].index:06d}", {
+                        "question_index": np.asarray([it.index for it in batch], dtype=np.int64),
+                        "answers": answers,
+                    }, {"k": 0})
                 tokens_done += n
                 task.advance(1, work=n)
-            loaded_chunk, projected, scores = -1, None, None
+            loaded_chunk, projected, scores, local = -1, None, None, {}
             for c, k, batches in plan:
                 if c != loaded_chunk:
-                    projected, scores = _load_chunk(model, features_file, chunks[c], config)
+                    with timer.phase("load"):
+                        projected, scores = _load_chunk(model, features, chunks[c], config)
                     loaded_chunk = c
                     local = {it.index: j for j, it in enumerate(chunks[c])}
                 task.describe(f"sweep k={k}")
                 for batch in batches:
-                    rows = torch.tensor([local[it.index] for it in batch], device=model.device)
-                    kept = top_k_raster(scores[rows], k)
-                    visual = gather_rows(projected[rows], kept)
+                    with timer.phase("select"):
+                        rows = torch.tensor([local[it.index] for it in batch],
+                                            device=model.device)
+                        visual = gather_rows(projected[rows], top_k_raster(scores[rows], k))
                     answers, captured, n = run_batch(model, batch, list(visual), config, capture,
-                                                     k)
-                    arrays = {
-                        "question_index": np.asarray([it.index for it in batch], dtype=np.int64),
-                        "answers": answers,
-                        "spectra/first_layer": singular_values(captured[0]).cpu().numpy(),
-                        "spectra/last_layer": singular_values(captured[1]).cpu().numpy(),
-                    }
+                                                     k, timer)
+                    with timer.phase("spectra"):
+                        arrays = {
+                            "question_index": np.asarray([it.index for it in batch],
+                                                         dtype=np.int64),
+                            "answers": answers,
+                            "spectra/first_layer": singular_values(captured[0]).cpu().numpy(),
+                            "spectra/last_layer": singular_values(captured[1]).cpu().numpy(),
+                        }
                     kept_rows = [j for j, it in enumerate(batch) if it.index in keep]
                     if kept_rows:
                         arrays["attention/index"] = np.asarray(
@@ -478,20 +514,13 @@ def _execute(model, config, store, items, image_items, text_items, done, budget,
                         for slot, name in enumerate(("first_layer", "last_layer")):
                             arrays[f"attention/{name}"] = captured[slot][kept_rows].to(
                                 torch.float16).cpu().numpy()
-                    store.write(f"k{k:04d}-{batch[0].index:06d}", arrays, {"k": k})
+                    with timer.phase("write"):
+                        store.write(f"k{k:04d}-{batch[0].index:06d}", arrays, {"k": k})
                     tokens_done += n
                     task.advance(1, work=n)
     finally:
         capture.close()
     return tokens_done
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _load_chunk(model, features_file, chunk: list[_Item], config: SweepConfig):
