@@ -22,7 +22,7 @@ from vtkit.cli.options import (
     SeedOpt,
     SplitOpt,
 )
-from vtkit.cli.progress import RichReporter
+from vtkit.cli.progress import stage_reporter
 from vtkit.extract import ExtractConfig
 from vtkit.extract import extract as run_extract
 
@@ -58,7 +58,7 @@ def extract(
         batch_size=batch_size, dtype=dtype, device=device, random_init=random_init, seed=seed,
         force=force,
     )
-    reporter = RichReporter()
+    reporter = stage_reporter()
     result = run_extract(config, reporter)
     reporter.table("vtkit extract", ["cache", "images", "computed now", "MB per image", "seconds"],
                    [[str(result.path), result.num_images, result.num_computed,

@@ -86,3 +86,10 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
     return str(value)
+
+
+def stage_reporter() -> Reporter:
+    """Progress and tables from the main process only (torchrun starts one per GPU)."""
+    from vtkit.parallel import launched_ranks
+
+    return RichReporter() if launched_ranks().is_main else Reporter()

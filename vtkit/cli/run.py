@@ -30,9 +30,10 @@ from vtkit.cli.options import (
     SplitOpt,
     TemperatureOpt,
 )
-from vtkit.cli.progress import RichReporter
+from vtkit.cli.progress import stage_reporter
 from vtkit.cli.sweep import KeepAttentionOpt, MaxOpt, MinOpt, StepOpt, TokensOpt, resolve_tokens
 from vtkit.extract import ExtractConfig, extract
+from vtkit.parallel import init_ranks
 from vtkit.plot import PlotConfig, make_plots
 from vtkit.rank import RankConfig, compute_ranks
 from vtkit.sweep import SweepConfig
@@ -78,9 +79,10 @@ def run(
     """
     from vtkit.model import load_model
 
-    reporter = RichReporter()
+    reporter = stage_reporter()
+    ranks = init_ranks(device)
     model = load_model(model_path, model_base, random_init=random_init, dtype=dtype,
-                       device=device)
+                       device=ranks.device(device))
     common = dict(model_path=model_path, model_base=model_base, base_dir=base_dir,
                   question_file=question_file, image_folder=image_folder, split=split,
                   num_samples=num_samples, output_dir=output_dir, dtype=dtype, device=device,
@@ -92,5 +94,6 @@ def run(
         conv_mode=conv_mode, single_pred_prompt=single_pred_prompt, temperature=temperature,
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
         keep_attention=keep_attention), reporter, model=model)
-    compute_ranks(RankConfig(output_dir=output_dir, threshold=threshold), reporter)
-    make_plots(PlotConfig(output_dir=output_dir), reporter)
+    if ranks.is_main:
+        compute_ranks(RankConfig(output_dir=output_dir, threshold=threshold), reporter)
+        make_plots(PlotConfig(output_dir=output_dir), reporter)

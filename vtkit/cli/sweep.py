@@ -29,7 +29,7 @@ from vtkit.cli.options import (
     SplitOpt,
     TemperatureOpt,
 )
-from vtkit.cli.progress import RichReporter
+from vtkit.cli.progress import stage_reporter
 from vtkit.errors import UsageError
 from vtkit.pruning import token_grid
 from vtkit.sweep import SweepConfig
@@ -109,4 +109,4 @@ def sweep(
         token_budget=token_budget, keep_attention=keep_attention, dtype=dtype, device=device,
         random_init=random_init, force=force,
     )
-    run_sweep(config, RichReporter())
+    run_sweep(config, stage_reporter())
