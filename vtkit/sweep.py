@@ -156,17 +156,25 @@ def default_token_budget(model) -> int:
     return max(512, int(free * 0.6 / (kv + activations)))
 
 
-def _batches(items: list[_Item], k: int, batch_size: int | None, budget: int) -> list[list[_Item]]:
-    """Length-sorted batches: similar lengths share a forward, so padding stays small."""
+def _batches(items: list[_Item], k: int, batch_size: int | None, budget: int,
+             max_padding: float = 0.1) -> list[list[_Item]]:
+    """Length-sorted batches: similar lengths share a forward, so padding stays small.
+
+    A batch closes when the next question would exceed ``batch_size`` questions, or ``budget``
+    padded tokens, or make padding more than ``max_padding`` of the batch's tokens.
+    """
     ordered = sorted(items, key=lambda it: (it.text_length, it.index))
-    batches, current = [], []
+    batches, current, useful = [], [], 0
     for item in ordered:
-        length = item.text_length + k
-        if current and (len(current) == batch_size if batch_size
-                        else (len(current) + 1) * length > budget):
+        length = item.text_length + k          # the longest so far: lengths ascend
+        padded = (len(current) + 1) * length
+        full = len(current) == batch_size if batch_size else padded > budget
+        wasteful = padded - (useful + length) > max_padding * padded
+        if current and (full or wasteful):
             batches.append(current)
-            current = []
+            current, useful = [], 0
         current.append(item)
+        useful += length
     if current:
         batches.append(current)
     return batches

@@ -257,30 +257,41 @@ def random_tiny_model(config, seed: int = 0):
 
 
 def build_tiny_checkpoints(out_dir: Path, seed: int = 0, config=None) -> dict[str, Path]:
-    """Write the tiny LLaVA in both checkpoint formats plus its CLIP tower under ``out_dir``.
+    """Write the random tiny LLaVA in both checkpoint formats plus its CLIP tower under ``out_dir``.
 
     Returns ``{"hf": out_dir/llava-tiny-hf, "orig": out_dir/llava-tiny-orig,
     "clip": out_dir/clip-vit-tiny-patch14-336}``. Same ``seed`` and ``config`` (default
-    :func:`tiny_config`), same files. Both formats hold the same weights (the original one
-    without the rows of the two added tokens), so they load to identical features and logits.
+    :func:`tiny_config`), same files (see :func:`save_tiny_checkpoints`).
+    """
+    return save_tiny_checkpoints(random_tiny_model(config or tiny_config(), seed), out_dir)
+
+
+def save_tiny_checkpoints(model, out_dir: Path) -> dict[str, Path]:
+    """Write an in-memory tiny LLaVA (random or trained) in both checkpoint formats plus its CLIP
+    tower under ``out_dir``, in the dtype its weights have, with the tiny tokenizer.
+
+    Returns ``{"hf": ..., "orig": ..., "clip": ...}`` as :func:`build_tiny_checkpoints`. Both
+    formats hold the same weights (the original one without the rows of the two added tokens),
+    so they load to identical features and logits.
     """
     from safetensors.torch import save_file
 
     from vtkit.model import (
         _quiet_transformers,
+        dtype_name,
         original_layout_state_dicts,
         write_processor_configs,
     )
 
     out_dir = Path(out_dir)
-    config = config or tiny_config()
-    model = random_tiny_model(config, seed)
+    config = model.config
     paths = {"hf": out_dir / HF_DIRNAME, "orig": out_dir / ORIG_DIRNAME,
              "clip": out_dir / CLIP_DIRNAME}
     for path in paths.values():
         path.mkdir(parents=True, exist_ok=True)
     vision = config.vision_config
     sp_vocab = config.image_token_id
+    dtype = dtype_name(next(model.parameters()).dtype)
 
     with _quiet_transformers():
         model.save_pretrained(paths["hf"])
@@ -298,12 +309,12 @@ def build_tiny_checkpoints(out_dir: Path, seed: int = 0, config=None) -> dict[st
                             patch_size=vision.patch_size)
     (paths["clip"] / "processor_config.json").unlink()
 
-    _write_original(paths["orig"], weights, config, sp_vocab)
+    _write_original(paths["orig"], weights, config, sp_vocab, dtype)
     return paths
 
 
 def _write_original(directory: Path, weights: dict[str, torch.Tensor], config,
-                    sp_vocab: int) -> None:
+                    sp_vocab: int, dtype: str = "float32") -> None:
     """The original LLaVA layout: two .bin shards (projector in the last, as LLaVA saves it)."""
     text, vision = config.text_config, config.vision_config
     weights = {k: (v[:sp_vocab] if k in ("model.embed_tokens.weight", "lm_head.weight") else v)
@@ -336,7 +347,7 @@ def _write_original(directory: Path, weights: dict[str, torch.Tensor], config,
         "num_key_value_heads": text.num_key_value_heads, "pretraining_tp": 1,
         "rms_norm_eps": text.rms_norm_eps, "rope_scaling": None, "rope_theta": 10000.0,
         "tie_word_embeddings": False, "tokenizer_model_max_length": 2048,
-        "tokenizer_padding_side": "right", "torch_dtype": "float32",
+        "tokenizer_padding_side": "right", "torch_dtype": dtype,
         "transformers_version": "4.31.0", "tune_mm_mlp_adapter": False,
         "use_cache": True, "use_mm_proj": True, "vocab_size": sp_vocab,
     })
@@ -365,3 +376,21 @@ def _copy_tokenizer(directory: Path, tokenizer_config: dict) -> None:
 
 def _write_json(path: Path, document: dict) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def write_config_checkpoint(directory: Path, config) -> Path:
+    """A checkpoint directory with no weights: config, the tiny tokenizer, processor configs.
+
+    ``load_model(directory, random_init=True)`` builds it with random weights; ``vtkit bench``
+    uses this for model shapes far too big to ship (e.g. the LLaVA-1.5-7B shape).
+    """
+    from vtkit.model import _quiet_transformers, write_processor_configs
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        config.save_pretrained(directory)
+    _copy_tokenizer(directory, _llava_hf_tokenizer_config(TOKENIZER_VOCAB_SIZE))
+    vision = config.vision_config
+    write_processor_configs(directory, image_size=vision.image_size, patch_size=vision.patch_size)
+    return directory

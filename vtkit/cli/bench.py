@@ -1,8 +1,52 @@
-"""`vtkit bench`."""
+"""`vtkit bench`: benchmark the real extract + sweep code path on a named model shape."""
 
-from vtkit.errors import NotBuiltError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vtkit.bench import BenchConfig, run_bench
+from vtkit.cli.options import BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt
+from vtkit.cli.output import print_json
+from vtkit.cli.progress import RichReporter
+from vtkit.cli.sweep import TokenBudgetOpt, TokensOpt, resolve_tokens
+
+ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
+QuestionsOpt = Annotated[int, typer.Option(
+    "--questions", min=1, help="Synthetic image questions in the measured sweep.")]
+SeedQuestionsOpt = Annotated[int, typer.Option(
+    "--seed-questions", min=1, help="Questions timed in the seed-style loop (batch 1).")]
+BenchDirOpt = Annotated[Path, typer.Option("--output-dir", help="Where the bench writes.")]
 
 
-def bench() -> None:
-    """Not built yet."""
-    raise NotBuiltError("vtkit bench is not built yet")
+def bench(
+    shape: ShapeOpt = "tiny",
+    questions: QuestionsOpt = 32,
+    tokens: TokensOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    batch_size: BatchSizeOpt = None,
+    token_budget: TokenBudgetOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 2,
+    seed_questions: SeedQuestionsOpt = 3,
+    output_dir: BenchDirOpt = Path("bench_results"),
+    json_output: JsonOpt = False,
+) -> None:
+    """Measure extract + sweep throughput, MFU, and the projected time of a full sweep.
+
+    Builds a model of the named shape with random weights on the device, writes synthetic
+    image questions whose lengths follow the real ScienceQA test set, runs extract and the sweep
+    exactly as `vtkit sweep` does, and compares with a seed-style loop (batch 1, vision per k).
+
+    Example: vtkit bench --shape llava-1.5-7b --questions 256 --device cuda --dtype bfloat16
+    """
+    config = BenchConfig(
+        shape=shape, questions=questions,
+        tokens=resolve_tokens(20, 576, 10, tokens), device=device, dtype=dtype,
+        batch_size=batch_size, token_budget=token_budget, max_new_tokens=max_new_tokens,
+        seed_questions=seed_questions, output_dir=output_dir)
+    result = run_bench(config, RichReporter())
+    if json_output:
+        print_json(result)

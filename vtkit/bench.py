@@ -1,0 +1,281 @@
+"""``vtkit bench``: measure vtkit's real extract + sweep code path on a model of a named shape.
+
+The model is built from its config with random weights directly on the device; the questions
+are synthetic, with text lengths drawn from the real ScienceQA test questions (the length table
+in ``assets/cqma_test_lengths.json``). Extract and sweep then run exactly as a user's would
+(same functions, batching, attention capture and spectra), with a phase timer attached. Random
+weights never stop at EOS, so the bench decodes ``max_new_tokens`` = 2 tokens per answer, what
+LLaVA-1.5 emits on ScienceQA (the letter, then EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vtkit.errors import UsageError
+from vtkit.progress import PhaseTimer, Reporter
+from vtkit.pruning import gather_rows, l2_scores, token_grid, top_k_raster
+
+LENGTHS_FILE = Path(__file__).resolve().parent / "assets" / "cqma_test_lengths.json"
+SHAPES = ("tiny", "llava-1.5-7b")
+FULL_GRID = token_grid(20, 576, 10)          # the grid of a full sweep (57 values)
+
+
+@dataclass
+class BenchConfig:
+    shape: str = "tiny"
+    questions: int = 32                 # synthetic image questions in the measured sweep
+    tokens: list[int] = field(default_factory=lambda: list(FULL_GRID))
+    device: str = "auto"
+    dtype: str | None = None
+    batch_size: int | None = None
+    token_budget: int | None = None
+    max_new_tokens: int = 2
+    seed_questions: int = 3             # questions timed in the seed-style loop
+    output_dir: Path = Path("bench_results")
+    seed: int = 0
+
+
+def shape_config(shape: str):
+    """The LlavaConfig of a named model shape."""
+    from vtkit.tiny import tiny_config
+
+    if shape == "tiny":
+        return tiny_config()
+    if shape == "llava-1.5-7b":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                           max_position_embeddings=4096, rms_norm_eps=1e-5,
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=32001)
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14,
+                                  projection_dim=768, hidden_act="quick_gelu")
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                           projector_hidden_act="gelu", vision_feature_layer=-2,
+                           vision_feature_select_strategy="default",
+                           image_seq_length=576, tie_word_embeddings=False)
+    raise UsageError(f"--shape: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+
+
+def length_table() -> list[int]:
+    """Text tokens of the real test image questions' prompts (Llama-2 tokenizer)."""
+    return json.loads(LENGTHS_FILE.read_text())["image_question_lengths"]
+
+
+def representative_lengths(n: int) -> list[int]:
+    """n lengths at evenly spaced quantiles of the real table: same mean and spread."""
+    table = np.sort(np.asarray(length_table()))
+    picks = np.round(np.linspace(0, len(table) - 1, n)).astype(int)
+    return table[picks].tolist()
+
+
+def full_sweep_tokens(grid: list[int] = FULL_GRID) -> int:
+    """Prefill tokens of the full sweep: every real image question at every k of the grid."""
+    lengths = length_table()
+    return len(grid) * sum(lengths) + len(lengths) * sum(grid)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul throughput of this device (FLOP/s), the MFU denominator."""
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    repeats = 30 if device.type == "cuda" else 5
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - started)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_bench_questions(base_dir: Path, tokenizer, lengths: list[int], seed: int = 0) -> Path:
+    """A ScienceQA folder of image questions whose prompts have the given text lengths."""
+    from PIL import Image
+
+    from vtkit.data import Question
+    from vtkit.prompts import build_prompt, tokenize_prompt
+
+    base_dir = Path(base_dir)
+    rng = np.random.default_rng(seed)
+    # The shortest question the tokenizer allows: lengths below it are raised to it (the tiny
+    # tokenizer spends more tokens on the system prompt than Llama-2's does).
+    question, choices = "Colour?", ["red", "blue"]
+
+    def length_of(hint: str) -> int:
+        text = "<image>\n" + (f"Context: {hint}\n" if hint else "") + f"{question}\n" + \
+            "\n".join(f"{'AB'[i]}. {c}" for i, c in enumerate(choices))
+        ids = tokenize_prompt(build_prompt(Question("x", text, "x/image.png", "A"),
+                                           "vicuna_v1", True), tokenizer)
+        return len(ids) - 1
+
+    base = length_of("")
+    per_word = (length_of(" ".join(["data"] * 100)) - length_of("data")) / 99
+    problems, pids = {}, []
+    for i, target in enumerate(lengths):
+        words = 0
+        if target > base:
+            words = max(1, round((target - length_of("data")) / per_word) + 1)
+            words = max(1, words + round((target - length_of(" ".join(["data"] * words)))
+                                         / per_word))
+        pid = f"b{i:05d}"
+        problems[pid] = {
+            "question": question, "choices": choices, "answer": int(rng.integers(2)),
+            "hint": " ".join(["data"] * words),
+            "image": "image.png", "task": "closed choice", "grade": "grade1",
+            "subject": "natural science", "topic": "bench", "category": "bench",
+            "skill": "bench", "lecture": "", "solution": "", "split": "test"}
+        pids.append(pid)
+        folder = base_dir / "images" / "test" / pid
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "image.png")
+    (base_dir / "problems.json").write_text(json.dumps(problems))
+    (base_dir / "pid_splits.json").write_text(json.dumps({"test": pids}))
+    return base_dir
+
+
+def seed_style_seconds(model, selection, items, k: int, sweep_config) -> float:
+    """Seconds per question of the single-script loop at one k: batch 1, the vision tower
+    re-run for every (question, k), then prune, prefill and generate."""
+    from vtkit.images import load_image, preprocess_images
+    from vtkit.sweep import decode, prefill
+
+    _sync(model.device)
+    started = time.perf_counter()
+    for item in items:
+        pixels = preprocess_images([load_image(selection.image_path(item.question))], "pad")
+        with torch.inference_mode():
+            features, _ = model.encode_images(pixels.to(model.device, model.dtype))
+            projected = model.project(features)
+            visual = gather_rows(projected, top_k_raster(l2_scores(projected), k))
+        decode(model, [item], prefill(model, [item], [visual[0]]), sweep_config, k)
+    _sync(model.device)
+    return (time.perf_counter() - started) / len(items)
+
+
+def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
+    """Build the model, run extract + sweep on synthetic questions, return the measurements."""
+    from vtkit.data import select_questions
+    from vtkit.extract import ExtractConfig, extract
+    from vtkit.model import load_model
+    from vtkit.sweep import SweepConfig, _prepare_items, sweep
+    from vtkit.tiny import write_config_checkpoint
+
+    reporter = reporter or Reporter()
+    out = Path(config.output_dir)
+    model_dir = write_config_checkpoint(out / f"model-{config.shape}", shape_config(config.shape))
+    started = time.perf_counter()
+    model = load_model(model_dir, random_init=True, dtype=config.dtype, device=config.device,
+                       seed=config.seed)
+    _sync(model.device)
+    build_seconds = time.perf_counter() - started
+    reporter.warn(f"RANDOM WEIGHTS: benchmark model of shape {config.shape} "
+                  f"({model.dtype}, {model.device})")
+    peak = matmul_peak(model.device, model.dtype)
+    lm_params = sum(p.numel() for p in model.language_model.parameters()) + \
+        sum(p.numel() for p in model.lm_head.parameters())
+    flop_per_token = 2 * lm_params
+
+    lengths = representative_lengths(config.questions)
+    data_dir = write_bench_questions(out / "scienceqa", model.tokenizer, lengths, config.seed)
+    run_dir = out / "run"
+    common = dict(model_path=str(model_dir), base_dir=data_dir, output_dir=run_dir,
+                  random_init=True, dtype=config.dtype, device=config.device, force=True)
+    for stale in ("features.h5", "sweep.h5"):
+        (run_dir / stale).unlink(missing_ok=True)
+
+    _sync(model.device)
+    t0 = time.perf_counter()
+    extracted = extract(ExtractConfig(**common, seed=config.seed), reporter, model=model)
+    _sync(model.device)
+    extract_seconds = time.perf_counter() - t0
+
+    sweep_config = SweepConfig(**common, tokens=list(config.tokens),
+                               max_new_tokens=config.max_new_tokens,
+                               batch_size=config.batch_size, token_budget=config.token_budget)
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    timer = PhaseTimer(model.device)
+    _sync(model.device)
+    t0 = time.perf_counter()
+    swept = sweep(sweep_config, reporter, model=model, timer=timer)
+    _sync(model.device)
+    sweep_seconds = time.perf_counter() - t0
+    phases = timer.totals()
+
+    # Useful tokens (no padding) define throughput and MFU; padding is reported on its own.
+    selection = select_questions(data_dir)
+    items = _prepare_items(selection.questions, model.tokenizer, sweep_config)
+    real_tokens = sum(it.text_length + k for it in items for k in config.tokens)
+    tokens_per_s = real_tokens / sweep_seconds
+    full_tokens = full_sweep_tokens()
+    projected = full_tokens / tokens_per_s
+    floor = full_tokens * flop_per_token / peak
+
+    seed_items = items[:max(1, config.seed_questions)]
+    seed_cost = {k: seed_style_seconds(model, selection, seed_items, k, sweep_config)
+                 for k in (max(config.tokens), min(config.tokens))}
+    k_hi, k_lo = max(seed_cost), min(seed_cost)
+    slope = (seed_cost[k_hi] - seed_cost[k_lo]) / max(1, k_hi - k_lo)
+    seed_full = len(length_table()) * sum(seed_cost[k_lo] + slope * (k - k_lo)
+                                          for k in FULL_GRID)
+    phase_total = sum(phases.values()) or 1.0
+    result = {
+        "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
+        else "cpu",
+        "shape": config.shape, "dtype": str(model.dtype).replace("torch.", ""),
+        "questions": config.questions, "k_values": len(config.tokens),
+        "lm_parameters": lm_params, "gflop_per_token": flop_per_token / 1e9,
+        "matmul_peak_tflops": peak / 1e12, "model_build_seconds": build_seconds,
+        "vision_images_per_s": extracted.num_images / extract_seconds,
+        "sweep_seconds": sweep_seconds, "useful_tokens": real_tokens,
+        "padded_tokens": swept.prefill_tokens,
+        "padding_overhead": swept.prefill_tokens / real_tokens - 1.0,
+        "prefill_tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flop_per_token / peak,
+        "phase_seconds": phases,
+        "decode_share": phases.get("decode", 0.0) / phase_total,
+        "capture_svd_share": phases.get("spectra", 0.0) / phase_total,
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(model.device) / 1e9
+        if model.device.type == "cuda" else None,
+        "token_budget": config.token_budget, "batch_size": config.batch_size,
+        "full_sweep_tokens": full_tokens, "projected_full_sweep_seconds": projected,
+        "flop_floor_seconds": floor, "ratio_to_floor": projected / floor,
+        "seed_style_seconds_per_question": {str(k): v for k, v in seed_cost.items()},
+        "seed_style_full_sweep_seconds": seed_full,
+        "speedup_over_seed_style": seed_full / projected,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    reporter.table(f"vtkit bench: {config.shape} on {result['device']}", ["measure", "value"], [
+        ["bf16/fp16 matmul peak (TFLOP/s)", result["matmul_peak_tflops"]],
+        ["vision + extract (images/s)", result["vision_images_per_s"]],
+        ["prefill tokens/s (whole sweep)", result["prefill_tokens_per_s"]],
+        ["MFU", f"{100 * result['mfu']:.1f}%"],
+        ["decode share", f"{100 * result['decode_share']:.1f}%"],
+        ["capture + SVD share", f"{100 * result['capture_svd_share']:.1f}%"],
+        ["padding overhead", f"{100 * result['padding_overhead']:.1f}%"],
+        ["peak GPU memory (GB)", result["peak_gpu_memory_gb"] or "-"],
+        ["projected full sweep (s)", projected],
+        ["FLOP floor (s)", floor],
+        ["ratio to floor", projected / floor],
+        ["speedup over seed-style loop", result["speedup_over_seed_style"]],
+    ])
+    return result
