@@ -44,7 +44,7 @@ def test_bench_runs_the_real_path_on_the_tiny_shape(tmp_path):
     assert saved["useful_tokens"] == result["useful_tokens"] > 0
     assert 0 < result["mfu"] <= 1.0
     assert result["padded_tokens"] >= result["useful_tokens"]
-    assert {"prefill", "decode", "spectra", "select", "load", "write"} <= set(
+    assert {"prefill", "decode", "spectra", "select", "load", "drain"} <= set(
         result["phase_seconds"])
     assert result["projected_full_sweep_seconds"] > result["flop_floor_seconds"] > 0
     assert (tmp_path / "run" / "sweep.h5").is_file()

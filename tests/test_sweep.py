@@ -114,7 +114,7 @@ def test_greedy_text_equals_generate(model, demo_scienceqa, features_dir):
     image_token = model.hf.config.image_token_id
     for j in (0, 2):
         item = items[j]
-        ours = decode(model, [item], prefill(model, [item], [projected[j]]), config, 576)[0]
+        ours = decode(model, [item], prefill(model, [item], [projected[j]]), config, [576])[0]
         ids = torch.tensor([item.prefix + [image_token] * 576 + item.suffix])
         pixels = preprocess_images([load_image(selection.image_path(item.question))], "pad")
         with torch.inference_mode():
@@ -133,7 +133,7 @@ def test_kept_rows_are_the_top_k_in_raster_order(swept, model, demo_scienceqa):
     visual = gather_rows(projected[:2], kept)
     capture = _AttentionCapture(model)
     try:
-        state = prefill(model, items[:2], list(visual), capture, k)
+        state = prefill(model, items[:2], list(visual), capture)
     finally:
         capture.close()
     with h5py.File(out / SWEEP_FILE, "r") as f:
@@ -146,7 +146,7 @@ def test_kept_rows_are_the_top_k_in_raster_order(swept, model, demo_scienceqa):
     shuffled = gather_rows(projected[:2], kept.flip(-1))
     capture = _AttentionCapture(model)
     try:
-        other = prefill(model, items[:2], list(shuffled), capture, k)
+        other = prefill(model, items[:2], list(shuffled), capture)
     finally:
         capture.close()
     assert not np.allclose(stored_first, other.captured[0].numpy(), atol=2e-3)
@@ -172,9 +172,9 @@ def test_text_only_questions_run_once(tiny_models, demo_scienceqa, model, featur
     calls: list[tuple[int, tuple[str, ...]]] = []
     original = sweep_module.run_batch
 
-    def counting(model_, items, visual, config, capture, k, timer=None):
-        calls.append((k, tuple(it.question.question_id for it in items)))
-        return original(model_, items, visual, config, capture, k, timer)
+    def counting(model_, items, visual, config, capture, ks, timer=None):
+        calls.extend((k, it.question.question_id) for it, k in zip(items, ks, strict=True))
+        return original(model_, items, visual, config, capture, ks, timer)
 
     monkeypatch.setattr(sweep_module, "run_batch", counting)
     out = _fresh(features_dir, tmp_path, "count")
@@ -183,10 +183,11 @@ def test_text_only_questions_run_once(tiny_models, demo_scienceqa, model, featur
     text_ids = {q.question_id for q in questions if not q.has_image}
     image_ids = {q.question_id for q in questions if q.has_image}
     assert text_ids and image_ids
-    seen_text = [qid for k, ids in calls for qid in ids if qid in text_ids]
+    seen_text = [qid for k, qid in calls if qid in text_ids]
     assert sorted(seen_text) == sorted(text_ids)
+    assert all(k == 0 for k, qid in calls if qid in text_ids)
     for k in TOKENS:
-        seen = sorted(qid for kk, ids in calls if kk == k for qid in ids)
+        seen = sorted(qid for kk, qid in calls if kk == k)
         assert seen == sorted(image_ids)
     with h5py.File(out / SWEEP_FILE, "r") as f:
         answers = f["answers"][:]
@@ -247,7 +248,7 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tiny_models, demo_sc
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / PARTS_DIR
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("k*.h5"))) < 4:
+    while time.time() < deadline and len(list(parts.glob("i-*.h5"))) < 4:
         if proc.poll() is not None:
             break
         time.sleep(0.02)

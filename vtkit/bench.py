@@ -165,7 +165,7 @@ def seed_style_seconds(model, selection, items, k: int, sweep_config) -> float:
             features, _ = model.encode_images(pixels.to(model.device, model.dtype))
             projected = model.project(features)
             visual = gather_rows(projected, top_k_raster(l2_scores(projected), k))
-        decode(model, [item], prefill(model, [item], [visual[0]]), sweep_config, k)
+        decode(model, [item], prefill(model, [item], [visual[0]]), sweep_config, [k])
     _sync(model.device)
     return (time.perf_counter() - started) / len(items)
 

@@ -137,13 +137,27 @@ def left_pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     return embeds, mask, positions
 
 
-def singular_values(matrices: torch.Tensor) -> torch.Tensor:
-    """Singular values of each [k, D] matrix, descending: [B, k, D] -> [B, min(k, D)] float32.
+def gram_matrices(matrices: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of each [k, D] matrix, in float64: [B, k, D] -> [B, m, m].
 
-    Eigenvalues of the smaller Gram matrix in float64 on the matrices' device: exact enough
-    for relative thresholds far below 1e-6 and much faster than a batched float32 SVD.
+    m = min(k, D). Its eigenvalues are the squared singular values; zero rows (a shorter
+    matrix padded to k) only add zero eigenvalues.
     """
     x = matrices.double()
-    gram = x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
-    eig = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
+    return x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
+
+
+def spectra_from_gram(gram: np.ndarray, ranks: list[int]) -> list[np.ndarray]:
+    """Singular values (descending, float32) from Gram matrices, the first ``ranks[i]`` of each.
+
+    Float64 eigenvalues: exact enough for relative thresholds far below 1e-6, and on the CPU,
+    where LAPACK runs batches of medium matrices far faster than a GPU solver does.
+    """
+    values = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))[:, ::-1]
+    return [values[i, :r].astype(np.float32) for i, r in enumerate(ranks)]
+
+
+def singular_values(matrices: torch.Tensor) -> torch.Tensor:
+    """Singular values of each [k, D] matrix, descending: [B, k, D] -> [B, min(k, D)] float32."""
+    eig = torch.linalg.eigvalsh(gram_matrices(matrices)).clamp(min=0).sqrt()
     return eig.flip(-1).float()

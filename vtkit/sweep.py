@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +34,9 @@ from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokeni
 from vtkit.pruning import (
     SCORERS,
     gather_rows,
+    gram_matrices,
     left_pad,
-    singular_values,
+    spectra_from_gram,
     splice_sequence,
     top_k_raster,
 )
@@ -156,16 +158,18 @@ def default_token_budget(model) -> int:
     return max(512, int(free * 0.6 / (kv + activations)))
 
 
-def _batches(items: list[_Item], k: int, batch_size: int | None, budget: int,
-             max_padding: float = 0.1) -> list[list[_Item]]:
-    """Length-sorted batches: similar lengths share a forward, so padding stays small.
+def _batches(rows: list[tuple[_Item, int]], batch_size: int | None, budget: int,
+             max_padding: float = 0.05) -> list[list[tuple[_Item, int]]]:
+    """Length-sorted batches of (question, k) rows.
 
-    A batch closes when the next question would exceed ``batch_size`` questions, or ``budget``
-    padded tokens, or make padding more than ``max_padding`` of the batch's tokens.
+    Sorting every (question, k) of a chunk by prompt length, whatever its k, packs rows of
+    nearly equal length together: batches fill the token budget with little padding. A batch
+    closes when the next row would exceed ``batch_size`` rows, or ``budget`` padded tokens,
+    or make padding more than ``max_padding`` of the batch's tokens.
     """
-    ordered = sorted(items, key=lambda it: (it.text_length, it.index))
+    ordered = sorted(rows, key=lambda r: (r[0].text_length + r[1], r[0].index, r[1]))
     batches, current, useful = [], [], 0
-    for item in ordered:
+    for item, k in ordered:
         length = item.text_length + k          # the longest so far: lengths ascend
         padded = (len(current) + 1) * length
         full = len(current) == batch_size if batch_size else padded > budget
@@ -173,7 +177,7 @@ def _batches(items: list[_Item], k: int, batch_size: int | None, budget: int,
         if current and (full or wasteful):
             batches.append(current)
             current, useful = [], 0
-        current.append(item)
+        current.append((item, k))
         useful += length
     if current:
         batches.append(current)
@@ -183,14 +187,16 @@ def _batches(items: list[_Item], k: int, batch_size: int | None, budget: int,
 class _AttentionCapture:
     """Forward hooks on the o_proj of the first and last decoder layer.
 
-    During a prefill each hook keeps only the k visual rows of its layer's attention output
-    (before the residual add), so the full [B, L, D] activations are never held.
+    During a prefill each hook keeps only the visual rows of its layer's attention output
+    (before the residual add), so the full [B, L, D] activations are never held. Rows have
+    their own k: the kept block is [B, k_max, D] with zeros past each row's k.
     """
 
     def __init__(self, model) -> None:
         layers = model.decoder_layers
         self.layer_ids = [0, len(layers) - 1]
-        self.rows: torch.Tensor | None = None   # [B, k] positions of the visual rows
+        self.rows: torch.Tensor | None = None    # [B, k_max] positions of the visual rows
+        self.valid: torch.Tensor | None = None   # [B, k_max] row j < that row's k
         self.captured: list[torch.Tensor | None] = [None, None]
         self.handles = [layers[i].self_attn.o_proj.register_forward_hook(self._hook(j))
                         for j, i in enumerate(self.layer_ids)]
@@ -198,7 +204,8 @@ class _AttentionCapture:
     def _hook(self, slot: int):
         def hook(module, args, output):
             if self.rows is not None:
-                self.captured[slot] = gather_rows(output, self.rows)
+                rows = gather_rows(output, self.rows)
+                self.captured[slot] = rows.masked_fill(~self.valid[..., None], 0)
         return hook
 
     def close(self) -> None:
@@ -219,11 +226,11 @@ def _pick_tokens(logits: torch.Tensor, temperature: float,
     return top.indices.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
 
 
-def _generators(items: list[_Item], k: int, config: SweepConfig, device) -> list | None:
+def _generators(items: list[_Item], ks: list[int], config: SweepConfig, device) -> list | None:
     if config.temperature <= 0:
         return None
     gens = []
-    for item in items:
+    for item, k in zip(items, ks, strict=True):
         digest = hashlib.sha256(f"{config.seed}:{item.question.question_id}:{k}".encode())
         gens.append(torch.Generator(device=device).manual_seed(
             int.from_bytes(digest.digest()[:8], "little")))
@@ -238,17 +245,18 @@ class Prefill:
     past: object                       # the KV cache
     mask: torch.Tensor                 # [B, L]
     positions: torch.Tensor            # [B, L]
-    captured: list                     # [first_rows, last_rows] ([B, k, D]) or [None, None]
+    captured: list                     # [first, last] ([B, k_max, D]) or [None, None]
     tokens: int                        # prefill tokens, padding included
 
 
 @torch.inference_mode()
 def prefill(model, items: list[_Item], visual: list[torch.Tensor] | None,
-            capture: _AttentionCapture | None = None, k: int = 0) -> Prefill:
+            capture: _AttentionCapture | None = None) -> Prefill:
     """Embed, splice and left-pad a batch, run the language model once over it.
 
-    With ``visual`` (one [k, D] tensor per item) the kept rows replace each image placeholder;
-    with ``capture`` the first and last layers' attention outputs of those rows are kept.
+    With ``visual`` (one [k_i, D] tensor per item; k may differ between items) the kept rows
+    replace each image placeholder; with ``capture`` the first and last layers' attention
+    outputs of those rows are kept.
     """
     embed, device = model.embed_tokens, model.device
     sequences, visual_starts = [], []
@@ -266,7 +274,11 @@ def prefill(model, items: list[_Item], visual: list[torch.Tensor] | None,
         longest = embeds.shape[1]
         starts = torch.tensor([longest - s.shape[0] + v for s, v in
                                zip(sequences, visual_starts, strict=True)], device=device)
-        capture.rows = starts[:, None] + torch.arange(k, device=device)[None, :]
+        ks = torch.tensor([v.shape[0] for v in visual], device=device)
+        offsets = torch.arange(int(ks.max()), device=device)
+        # Past its own k a row repeats its last visual position; the hook zeroes those rows.
+        capture.rows = starts[:, None] + torch.minimum(offsets[None, :], ks[:, None] - 1)
+        capture.valid = offsets[None, :] < ks[:, None]
         capture.captured = [None, None]
     past = model.new_cache()
     try:
@@ -280,13 +292,14 @@ def prefill(model, items: list[_Item], visual: list[torch.Tensor] | None,
 
 
 @torch.inference_mode()
-def decode(model, items: list[_Item], state: Prefill, config: SweepConfig, k: int) -> list[str]:
+def decode(model, items: list[_Item], state: Prefill, config: SweepConfig,
+           ks: list[int]) -> list[str]:
     """Greedy (temperature 0) or seeded sampled decoding with the KV cache.
 
     Every row stops at EOS; the batch ends once every row has, or at max_new_tokens. The text is
     decoded without special tokens and stripped, as LLaVA's eval script does.
     """
-    generators = _generators(items, k, config, model.device)
+    generators = _generators(items, ks, config, model.device)
     eos, pad = model.eos_token_id, model.pad_token_id
     logits, mask, positions = state.logits, state.mask, state.positions
     done = torch.zeros(len(items), dtype=torch.bool, device=model.device)
@@ -312,14 +325,14 @@ def decode(model, items: list[_Item], state: Prefill, config: SweepConfig, k: in
 
 
 def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, config: SweepConfig,
-              capture: _AttentionCapture | None, k: int,
+              capture: _AttentionCapture | None, ks: list[int],
               timer: PhaseTimer | NullTimer | None = None) -> tuple[list[str], list, int]:
     """Prefill and decode one batch: (answers, captured rows, prefill tokens)."""
     timer = timer or NullTimer()
     with timer.phase("prefill"):
-        state = prefill(model, items, visual, capture, k)
+        state = prefill(model, items, visual, capture)
     with timer.phase("decode"):
-        answers = decode(model, items, state, config, k)
+        answers = decode(model, items, state, config, ks)
     return answers, state.captured, state.tokens
 
 
@@ -435,7 +448,8 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     done: dict[int, set[int]] = {}
     for part in store.parts():
         with h5py.File(part, "r") as f:
-            done.setdefault(int(f.attrs["k"]), set()).update(f["question_index"][:].tolist())
+            for q, k in zip(f["question_index"][:], f["k"][:], strict=True):
+                done.setdefault(int(k), set()).add(int(q))
     if done:
         reporter.info(f"resuming: {sum(len(v) for v in done.values())} (question, k) results "
                       f"already stored")
@@ -458,77 +472,134 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
                        random_init)
 
 
+class _PartWriter:
+    """Finishes batches on CPU threads: eigenvalues of the Gram matrices, then the part file.
+
+    The GPU goes on with the next batch meanwhile; at most ``2 * workers`` batches wait, so
+    memory stays bounded. An error in a worker surfaces at the next submit or at close.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pending: list = []
+        self.limit = 2 * workers
+
+    def submit(self, fn, *args) -> None:
+        while len(self.pending) >= self.limit:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def close(self) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _finish_image_batch(store, name: str, index: np.ndarray, ks: list[int], answers: list[str],
+                        grams: list[np.ndarray], hidden: int, kept: dict) -> None:
+    ranks = [min(k, hidden) for k in ks]
+    arrays = {"question_index": index, "k": np.asarray(ks, dtype=np.int32), "answers": answers}
+    for slot, layer in enumerate(("first_layer", "last_layer")):
+        arrays[f"spectra/{layer}"] = np.concatenate(spectra_from_gram(grams[slot], ranks))
+    arrays.update(kept)
+    store.write(name, arrays)
+
+
 def _execute(model, config, store, image_items, text_items, done, budget, keep,
              features_path, reporter, timer) -> int:
-    """Plan the remaining (k, batch) work and run it, writing one part per batch.
+    """Plan the remaining (question, k) work and run it, writing one part per batch.
 
     Questions go in chunks whose projected features stay on the device for the whole grid, so
-    every question's features are read and projected once, not once per k.
+    every question's features are read and projected once, not once per k; within a chunk all
+    (question, k) rows are batched together by length.
     """
     chunk_size = 512 if model.device.type == "cuda" else 1024
     chunks = [image_items[i:i + chunk_size] for i in range(0, len(image_items), chunk_size)]
-    text_todo = [it for it in text_items if it.index not in done.get(0, set())]
-    plan: list[tuple[int, int, list[list[_Item]]]] = []   # (chunk, k, batches)
-    for c, chunk in enumerate(chunks):
-        for k in config.tokens:
-            todo = [it for it in chunk if it.index not in done.get(k, set())]
-            if todo:
-                plan.append((c, k, _batches(todo, k, config.batch_size, budget)))
-    text_batches = _batches(text_todo, 0, config.batch_size, budget) if text_todo else []
-    total = len(text_batches) + sum(len(b) for _, _, b in plan)
+    text_rows = [(it, 0) for it in text_items if it.index not in done.get(0, set())]
+    plan = []
+    for chunk in chunks:
+        rows = [(it, k) for it in chunk for k in config.tokens
+                if it.index not in done.get(k, set())]
+        plan.append(_batches(rows, config.batch_size, budget) if rows else [])
+    text_batches = _batches(text_rows, config.batch_size, budget) if text_rows else []
+    total = len(text_batches) + sum(len(b) for b in plan)
     if total == 0:
         return 0
     capture = _AttentionCapture(model)
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if model.device.type == "cuda" else 1
+    writer = _PartWriter(workers)
     tokens_done = 0
     try:
         with reporter.task("sweep", total=total, unit="batches", work_unit="tokens") as task, \
                 (h5py.File(features_path, "r") if image_items else nullcontext()) as features:
             for batch in text_batches:
-                answers, _, n = run_batch(model, batch, None, config, None, 0, timer)
-                with timer.phase("write"):
-                    store.write(f"text-{batch[0].index:06d}", {
-                        "question_index": np.asarray([it.index for it in batch], dtype=np.int64),
-                        "answers": answers,
-                    }, {"k": 0})
+                items = [it for it, _ in batch]
+                answers, _, n = run_batch(model, items, None, config, None, [0] * len(items),
+                                          timer)
+                writer.submit(store.write, f"t-{items[0].index:06d}", {
+                    "question_index": np.asarray([it.index for it in items], dtype=np.int64),
+                    "k": np.zeros(len(items), dtype=np.int32), "answers": answers})
                 tokens_done += n
                 task.advance(1, work=n)
-            loaded_chunk, projected, scores, local = -1, None, None, {}
-            for c, k, batches in plan:
-                if c != loaded_chunk:
-                    with timer.phase("load"):
-                        projected, scores = _load_chunk(model, features, chunks[c], config)
-                    loaded_chunk = c
-                    local = {it.index: j for j, it in enumerate(chunks[c])}
-                task.describe(f"sweep k={k}")
+            for chunk, batches in zip(chunks, plan, strict=True):
+                if not batches:
+                    continue
+                with timer.phase("load"):
+                    projected, scores = _load_chunk(model, features, chunk, config)
+                local = {it.index: j for j, it in enumerate(chunk)}
                 for batch in batches:
+                    items, ks = [it for it, _ in batch], [k for _, k in batch]
+                    task.describe(f"sweep k={min(ks)}..{max(ks)}")
                     with timer.phase("select"):
-                        rows = torch.tensor([local[it.index] for it in batch],
-                                            device=model.device)
-                        visual = gather_rows(projected[rows], top_k_raster(scores[rows], k))
-                    answers, captured, n = run_batch(model, batch, list(visual), config, capture,
-                                                     k, timer)
+                        visual = _select(projected, scores, [local[it.index] for it in items], ks)
+                    answers, captured, n = run_batch(model, items, visual, config, capture, ks,
+                                                     timer)
                     with timer.phase("spectra"):
-                        arrays = {
-                            "question_index": np.asarray([it.index for it in batch],
-                                                         dtype=np.int64),
-                            "answers": answers,
-                            "spectra/first_layer": singular_values(captured[0]).cpu().numpy(),
-                            "spectra/last_layer": singular_values(captured[1]).cpu().numpy(),
-                        }
-                    kept_rows = [j for j, it in enumerate(batch) if it.index in keep]
-                    if kept_rows:
-                        arrays["attention/index"] = np.asarray(
-                            [batch[j].index for j in kept_rows], dtype=np.int64)
-                        for slot, name in enumerate(("first_layer", "last_layer")):
-                            arrays[f"attention/{name}"] = captured[slot][kept_rows].to(
-                                torch.float16).cpu().numpy()
-                    with timer.phase("write"):
-                        store.write(f"k{k:04d}-{batch[0].index:06d}", arrays, {"k": k})
+                        grams = [gram_matrices(c).cpu().numpy() for c in captured]
+                        kept = _kept_attention(items, ks, captured, keep)
+                    index = np.asarray([it.index for it in items], dtype=np.int64)
+                    # Named by its (question, k) rows: unique, and stable across resumes.
+                    name = "i-" + hashlib.sha1(json.dumps(sorted(zip(index.tolist(), ks,
+                                                                         strict=True)))
+                                               .encode()).hexdigest()[:20]
+                    writer.submit(_finish_image_batch, store, name, index, ks, answers, grams,
+                                  model.hidden_size, kept)
                     tokens_done += n
                     task.advance(1, work=n)
+            with timer.phase("drain"):
+                writer.close()
     finally:
         capture.close()
+        writer.pool.shutdown(wait=True)
     return tokens_done
+
+
+def _select(projected: torch.Tensor, scores: torch.Tensor, rows: list[int],
+            ks: list[int]) -> list[torch.Tensor]:
+    """Each row's top-k projected features in raster order (rows sharing a k go together)."""
+    visual: list[torch.Tensor | None] = [None] * len(rows)
+    for k in sorted(set(ks)):
+        members = [j for j, kk in enumerate(ks) if kk == k]
+        index = torch.tensor([rows[j] for j in members], device=projected.device)
+        kept = gather_rows(projected[index], top_k_raster(scores[index], k))
+        for j, block in zip(members, kept, strict=True):
+            visual[j] = block
+    return visual
+
+
+def _kept_attention(items, ks, captured, keep: set[int]) -> dict:
+    """Raw attention rows (float16) of the questions whose matrices are kept."""
+    rows = [j for j, it in enumerate(items) if it.index in keep]
+    if not rows:
+        return {}
+    kept = {"attention/index": np.asarray([items[j].index for j in rows], dtype=np.int64),
+            "attention/k": np.asarray([ks[j] for j in rows], dtype=np.int32)}
+    for slot, layer in enumerate(("first_layer", "last_layer")):
+        kept[f"attention/{layer}"] = torch.cat(
+            [captured[slot][j, :ks[j]] for j in rows]).to(torch.float16).cpu().numpy()
+    return kept
 
 
 def _load_chunk(model, features_file, chunk: list[_Item], config: SweepConfig):
@@ -555,27 +626,34 @@ def _merge(store, final, items, image_items, config, inputs, model, model_id, pr
     answers = np.full((n_k, n_q), None, dtype=object)
     spectra = {name: {} for name in ("first_layer", "last_layer")}
     attention = {name: {} for name in ("first_layer", "last_layer")}
+    hidden = int(model.hidden_size)
     for part in store.parts():
         with h5py.File(part, "r") as f:
-            k = int(f.attrs["k"])
-            index = f["question_index"][:]
-            text = [s.decode() for s in f["answers"][:]]
-            if k == 0:
+            index, ks = f["question_index"][:], f["k"][:]
+            text = [t.decode() for t in f["answers"][:]]
+            if not ks.any():    # text-only rows: one answer for every k
                 for q, t in zip(index, text, strict=True):
                     answers[:, q] = t
                 continue
-            answers[k_row[k], index] = text
-            for name in spectra:
-                block = f[f"spectra/{name}"][:]
-                store_k = spectra[name].setdefault(
-                    k, np.zeros((len(image_items), block.shape[1]), np.float32))
-                store_k[[img_row[q] for q in index]] = block
+            ranks = np.minimum(ks, hidden)
+            starts = np.concatenate([[0], np.cumsum(ranks)])
+            for layer in spectra:
+                flat = f[f"spectra/{layer}"][:]
+                for r, (q, k) in enumerate(zip(index, ks, strict=True)):
+                    block = spectra[layer].setdefault(
+                        int(k), np.zeros((len(image_items), ranks[r]), np.float32))
+                    block[img_row[q]] = flat[starts[r]:starts[r + 1]]
+            for r, (q, k) in enumerate(zip(index, ks, strict=True)):
+                answers[k_row[int(k)], q] = text[r]
             if "attention/index" in f:
-                for name in attention:
-                    block = f[f"attention/{name}"][:]
-                    store_k = attention[name].setdefault(
-                        k, np.zeros((len(keep_row),) + block.shape[1:], np.float16))
-                    store_k[[keep_row[q] for q in f["attention/index"][:]]] = block
+                kept_k = f["attention/k"][:]
+                offsets = np.concatenate([[0], np.cumsum(kept_k)])
+                for layer in attention:
+                    flat = f[f"attention/{layer}"][:]
+                    for r, (q, k) in enumerate(zip(f["attention/index"][:], kept_k, strict=True)):
+                        block = attention[layer].setdefault(
+                            int(k), np.zeros((len(keep_row), k, flat.shape[1]), np.float16))
+                        block[keep_row[q]] = flat[offsets[r]:offsets[r + 1]]
     missing = int(sum(a is None for a in answers.ravel()))
     if missing:
         raise DataError(f"{store.directory}: {missing} (question, k) results are missing; "
