@@ -476,20 +476,27 @@ class _PartWriter:
     """Finishes batches on CPU threads: eigenvalues of the Gram matrices, then the part file.
 
     The GPU goes on with the next batch meanwhile; at most ``2 * workers`` batches wait, so
-    memory stays bounded. An error in a worker surfaces at the next submit or at close.
+    memory stays bounded. An error in a worker surfaces at the next submit or at close. With
+    no workers (CPU runs, where the threads would only compete with the model for cores) each
+    batch is finished at once.
     """
 
     def __init__(self, workers: int) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pool = ThreadPoolExecutor(max_workers=workers) if workers else None
         self.pending: list = []
         self.limit = 2 * workers
 
     def submit(self, fn, *args) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
         while len(self.pending) >= self.limit:
             self.pending.pop(0).result()
         self.pending.append(self.pool.submit(fn, *args))
 
     def close(self) -> None:
+        if self.pool is None:
+            return
         try:
             for future in self.pending:
                 future.result()
@@ -528,7 +535,7 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
     if total == 0:
         return 0
     capture = _AttentionCapture(model)
-    workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if model.device.type == "cuda" else 1
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if model.device.type == "cuda" else 0
     writer = _PartWriter(workers)
     tokens_done = 0
     try:
@@ -572,7 +579,7 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
                 writer.close()
     finally:
         capture.close()
-        writer.pool.shutdown(wait=True)
+        writer.close()
     return tokens_done
 
 
