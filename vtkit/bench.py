@@ -37,6 +37,7 @@ class BenchConfig:
     batch_size: int | None = None
     token_budget: int | None = None
     max_new_tokens: int = 2
+    compile: bool = False
     seed_questions: int = 3             # questions timed in the seed-style loop
     output_dir: Path = Path("bench_results")
     seed: int = 0
@@ -209,7 +210,8 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
 
     sweep_config = SweepConfig(**common, tokens=list(config.tokens),
                                max_new_tokens=config.max_new_tokens,
-                               batch_size=config.batch_size, token_budget=config.token_budget)
+                               batch_size=config.batch_size, token_budget=config.token_budget,
+                               compile=config.compile)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     timer = PhaseTimer(model.device)

@@ -559,6 +559,20 @@ class LlavaModel:
         """The multimodal projector (Linear-GELU-Linear): [B, N, Dv] -> [B, N, hidden_size]."""
         return self.projector(features.to(self.device, self.dtype))
 
+    def compile_decoder(self) -> None:
+        """``torch.compile`` the decoder layers' MLP and RMSNorm (dynamic shapes).
+
+        Fuses their elementwise work for prefill throughput. Attention stays eager, so the
+        hooks on ``o_proj`` work as before. The classes' forwards are compiled once for all
+        layers (the modules are inputs of one graph, not one graph per layer).
+        """
+        layer = self.decoder_layers[0]
+        for module in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+            cls = type(module)
+            if not getattr(cls.forward, "_vtkit_compiled", False):
+                cls.forward = torch.compile(cls.forward, dynamic=True)
+                cls.forward._vtkit_compiled = True
+
     def new_cache(self):
         """An empty KV cache for :meth:`run_decoder`."""
         from transformers import DynamicCache

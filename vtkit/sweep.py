@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from vtkit import cache
 from vtkit.data import Question, select_questions
@@ -70,6 +71,7 @@ class SweepConfig:
     batch_size: int | None = None     # questions per forward; None: by token budget
     token_budget: int | None = None   # prefill tokens per forward; None: from free memory
     keep_attention: int = 2
+    compile: bool = False             # torch.compile the decoder's MLP and norms
     dtype: str | None = None
     device: str = "auto"
     random_init: bool = False
@@ -396,6 +398,8 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
                            dtype=config.dtype, device=ranks.device(config.device))
     _check_tokens(config.tokens, model.num_patches)
+    if config.compile:
+        model.compile_decoder()
     random_init = bool(model.identity.get("random_init"))
     if random_init:
         reporter.warn("RANDOM WEIGHTS (--random-init): answers and ranks are noise; for "
@@ -505,7 +509,10 @@ class _PartWriter:
 
 
 def _finish_image_batch(store, name: str, index: np.ndarray, ks: list[int], answers: list[str],
-                        grams: list[np.ndarray], hidden: int, kept: dict) -> None:
+                        grams: list, ready, hidden: int, kept: dict) -> None:
+    if ready is not None:
+        ready.synchronize()    # the Gram matrices' copy to pinned host memory has landed
+    grams = [g.numpy() for g in grams]
     ranks = [min(k, hidden) for k in ks]
     arrays = {"question_index": index, "k": np.asarray(ks, dtype=np.int32), "answers": answers}
     for slot, layer in enumerate(("first_layer", "last_layer")):
@@ -535,11 +542,14 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
     if total == 0:
         return 0
     capture = _AttentionCapture(model)
-    workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if model.device.type == "cuda" else 0
+    # On GPU runs the eigenvalues are computed by CPU threads, one BLAS thread each.
+    workers = max(1, min(12, (os.cpu_count() or 2) - 2)) if model.device.type == "cuda" else 0
     writer = _PartWriter(workers)
+    limits = threadpool_limits(limits=1, user_api="blas") if workers else nullcontext()
     tokens_done = 0
     try:
-        with reporter.task("sweep", total=total, unit="batches", work_unit="tokens") as task, \
+        with limits, \
+                reporter.task("sweep", total=total, unit="batches", work_unit="tokens") as task, \
                 (h5py.File(features_path, "r") if image_items else nullcontext()) as features:
             for batch in text_batches:
                 items = [it for it, _ in batch]
@@ -564,7 +574,7 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
                     answers, captured, n = run_batch(model, items, visual, config, capture, ks,
                                                      timer)
                     with timer.phase("spectra"):
-                        grams = [gram_matrices(c).cpu().numpy() for c in captured]
+                        grams, ready = _grams_to_host(captured)
                         kept = _kept_attention(items, ks, captured, keep)
                     index = np.asarray([it.index for it in items], dtype=np.int64)
                     # Named by its (question, k) rows: unique, and stable across resumes.
@@ -572,7 +582,7 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
                                                                          strict=True)))
                                                .encode()).hexdigest()[:20]
                     writer.submit(_finish_image_batch, store, name, index, ks, answers, grams,
-                                  model.hidden_size, kept)
+                                  ready, model.hidden_size, kept)
                     tokens_done += n
                     task.advance(1, work=n)
             with timer.phase("drain"):
@@ -581,6 +591,23 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
         capture.close()
         writer.close()
     return tokens_done
+
+
+def _grams_to_host(captured: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+    """Gram matrices of the captured rows, copied to host memory without stalling the GPU.
+
+    On CUDA the copy goes to pinned memory asynchronously; the returned event tells the CPU
+    worker when it has landed. On the CPU the tensors are simply returned.
+    """
+    grams = [gram_matrices(c) for c in captured]
+    if grams[0].device.type != "cuda":
+        return grams, None
+    host = [torch.empty(g.shape, dtype=g.dtype, pin_memory=True) for g in grams]
+    for h, g in zip(host, grams, strict=True):
+        h.copy_(g, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _select(projected: torch.Tensor, scores: torch.Tensor, rows: list[int],

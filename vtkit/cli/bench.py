@@ -18,6 +18,8 @@ QuestionsOpt = Annotated[int, typer.Option(
     "--questions", min=1, help="Synthetic image questions in the measured sweep.")]
 SeedQuestionsOpt = Annotated[int, typer.Option(
     "--seed-questions", min=1, help="Questions timed in the seed-style loop (batch 1).")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the decoder's MLP and norms (first run compiles).")]
 BenchDirOpt = Annotated[Path, typer.Option("--output-dir", help="Where the bench writes.")]
 
 
@@ -31,6 +33,7 @@ def bench(
     token_budget: TokenBudgetOpt = None,
     max_new_tokens: MaxNewTokensOpt = 2,
     seed_questions: SeedQuestionsOpt = 3,
+    compile_decoder: CompileOpt = False,
     output_dir: BenchDirOpt = Path("bench_results"),
     json_output: JsonOpt = False,
 ) -> None:
@@ -46,7 +49,7 @@ def bench(
         shape=shape, questions=questions,
         tokens=resolve_tokens(20, 576, 10, tokens), device=device, dtype=dtype,
         batch_size=batch_size, token_budget=token_budget, max_new_tokens=max_new_tokens,
-        seed_questions=seed_questions, output_dir=output_dir)
+        seed_questions=seed_questions, compile=compile_decoder, output_dir=output_dir)
     result = run_bench(config, RichReporter())
     if json_output:
         print_json(result)

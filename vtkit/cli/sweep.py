@@ -44,6 +44,8 @@ TokensOpt = Annotated[str | None, typer.Option(
 KeepAttentionOpt = Annotated[int, typer.Option(
     "--keep-attention", min=0,
     help="Also store the raw k x d attention outputs of the first N image questions.")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the decoder's MLP and norms for prefill throughput.")]
 TokenBudgetOpt = Annotated[int | None, typer.Option(
     "--token-budget", min=1, help="Prefill tokens per forward (default: from free GPU memory).")]
 
@@ -85,6 +87,7 @@ def sweep(
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
     keep_attention: KeepAttentionOpt = 2,
+    compile_decoder: CompileOpt = False,
     dtype: DtypeOpt = None,
     device: DeviceOpt = "auto",
     random_init: RandomInitOpt = False,
@@ -106,7 +109,8 @@ def sweep(
         tokens=resolve_tokens(min_tokens, max_tokens, step, tokens), scorer=scorer,
         conv_mode=conv_mode, single_pred_prompt=single_pred_prompt, temperature=temperature,
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        token_budget=token_budget, keep_attention=keep_attention, dtype=dtype, device=device,
+        token_budget=token_budget, keep_attention=keep_attention, compile=compile_decoder,
+        dtype=dtype, device=device,
         random_init=random_init, force=force,
     )
     run_sweep(config, stage_reporter())
