@@ -460,6 +460,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
 
     budget = config.token_budget or default_token_budget(model)
     keep = {it.index for it in image_items[:max(config.keep_attention, 0)]}
+    computing = time.perf_counter()
     tokens_done = _execute(model, config, store, ranks.share(image_items),
                            ranks.share(text_items), done, budget, keep, features_path, reporter,
                            timer)
@@ -469,8 +470,12 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
                          selection.problems, extract_attrs)
         store.remove()
     ranks.barrier()
+    compute_seconds = time.perf_counter() - computing
     if not ranks.is_main:
         results = read_accuracies(final)
+    reporter.info(f"swept {len(image_items)} image and {len(text_items)} text questions x "
+                  f"{len(config.tokens)} k in {compute_seconds:.1f} s on {ranks.world_size} "
+                  f"process(es) (model loading excluded)")
     _report(results, reporter)
     return SweepResult(final, results, time.perf_counter() - started, tokens_done, False,
                        random_init)
