@@ -154,10 +154,11 @@ def default_token_budget(model) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = torch.finfo(model.dtype).bits // 8
     kv = 2 * config.num_hidden_layers * heads * head_dim * width
-    # Per token: the KV cache, a few hidden-size activations, the MLP intermediate and the
-    # captured attention rows; keep a third of free memory for the allocator and the SVD.
+    # Per token: the KV cache twice (a decode step concatenates a new copy of it), a few
+    # hidden-size activations and the MLP intermediate; 40% of free memory stays for the
+    # allocator, the captured rows and their Gram matrices.
     activations = (6 * config.hidden_size + 2 * config.intermediate_size) * width
-    return max(512, int(free * 0.6 / (kv + activations)))
+    return max(512, int(free * 0.6 / (2 * kv + activations)))
 
 
 def _batches(rows: list[tuple[_Item, int]], batch_size: int | None, budget: int,

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import typer
+import os
+
+# Batches of very different shapes fragment CUDA memory; growable segments avoid that. Set
+# before torch touches the GPU; a value the user set wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import typer  # noqa: E402
 
 from vtkit import __version__
 from vtkit.cli import (
