@@ -32,7 +32,7 @@ def bench(
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
     max_new_tokens: MaxNewTokensOpt = 2,
-    seed_questions: SeedQuestionsOpt = 3,
+    seed_questions: SeedQuestionsOpt = 5,
     compile_decoder: CompileOpt = False,
     output_dir: BenchDirOpt = Path("bench_results"),
     json_output: JsonOpt = False,
