@@ -171,10 +171,15 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
                          size / len(questions), False, bool(model.identity.get("random_init")))
 
 
-def _load_batch(selection: Selection, batch: list[Question], image_mode: str, model):
-    images = [load_image(selection.image_path(q)) for q in batch]
-    return preprocess_images(images, image_mode, size=model.image_size,
-                             mean=model.image_mean, std=model.image_std)
+def _load_batch(selection: Selection, batch: list[Question], image_mode: str, model,
+                decoders: ThreadPoolExecutor) -> torch.Tensor:
+    """Decode and preprocess a batch of images, several at a time (PIL releases the GIL)."""
+    def one(question: Question) -> torch.Tensor:
+        return preprocess_images([load_image(selection.image_path(question))], image_mode,
+                                 size=model.image_size, mean=model.image_mean,
+                                 std=model.image_std)
+
+    return torch.cat(list(decoders.map(one, batch)))
 
 
 def _run_vision(model, selection, todo, batch_size, config, store, reporter, feature_dtype) -> int:
@@ -184,14 +189,16 @@ def _run_vision(model, selection, todo, batch_size, config, store, reporter, fea
     uniform = uniform_scores(model.num_patches)
     position = {q.question_id: i for i, q in enumerate(selection.questions)}
     # Decode and preprocess the next batch on a thread while the device runs this one.
-    with ThreadPoolExecutor(max_workers=1) as pool, \
+    decoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    with decoders, ThreadPoolExecutor(max_workers=1) as pool, \
             reporter.task("extract", total=len(todo), unit="images") as task:
-        pending = pool.submit(_load_batch, selection, batches[0], config.image_mode, model)
+        pending = pool.submit(_load_batch, selection, batches[0], config.image_mode, model,
+                              decoders)
         for index, batch in enumerate(batches):
             pixels = pending.result()
             if index + 1 < len(batches):
                 pending = pool.submit(_load_batch, selection, batches[index + 1],
-                                      config.image_mode, model)
+                                      config.image_mode, model, decoders)
             with torch.inference_mode():
                 features, cls_attention = model.encode_images(
                     pixels.to(model.device, model.dtype))
