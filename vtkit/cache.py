@@ -177,3 +177,29 @@ class PartStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_parts(final: Path, parts_dir: Path, inputs: Mapping[str, Any], force: bool,
+                ranks) -> PartStore | None:
+    """Decide what a stage does about ``final``; return its opened part store, or None.
+
+    None: ``final`` is complete and was made from these inputs (nothing to do). A final file
+    from other inputs is refused with a message naming what changed, or with ``force`` removed.
+    Under torchrun rank 0 opens (or resets) the part directory before the other ranks do.
+    """
+    if final.exists():
+        attrs = read_attrs(final)
+        if attrs.get("fingerprint") == fingerprint(inputs) and attrs.get("complete"):
+            return None
+        if not force:
+            raise CacheMismatchError(mismatch_message(final, stored_inputs(attrs), inputs))
+        ranks.barrier()   # every rank has read the old file before rank 0 removes it
+        if ranks.is_main:
+            final.unlink()
+    store = PartStore(parts_dir, inputs)
+    if ranks.is_main:
+        store.open(force=force)
+    ranks.barrier()
+    if not ranks.is_main:
+        store.open()
+    return store

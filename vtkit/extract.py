@@ -19,7 +19,7 @@ import torch
 
 from vtkit import cache
 from vtkit.data import Question, Selection, select_questions
-from vtkit.errors import CacheMismatchError, DataError
+from vtkit.errors import DataError
 from vtkit.images import load_image, preprocess_images
 from vtkit.parallel import init_ranks
 from vtkit.progress import Reporter
@@ -128,26 +128,12 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / FEATURES_FILE
-    if final.exists():
-        attrs = cache.read_attrs(final)
-        if attrs.get("fingerprint") == cache.fingerprint(inputs) and attrs.get("complete"):
-            reporter.info(f"{final}: cache is complete ({len(questions)} images); nothing to do")
-            return ExtractResult(final, len(questions), 0, time.perf_counter() - started,
-                                 final.stat().st_size / len(questions), True,
-                                 bool(model.identity.get("random_init")))
-        if not config.force:
-            raise CacheMismatchError(cache.mismatch_message(final, cache.stored_inputs(attrs),
-                                                            inputs))
-        ranks.barrier()   # every rank has read the old file before rank 0 removes it
-        if ranks.is_main:
-            final.unlink()
-
-    store = cache.PartStore(output_dir / PARTS_DIR, inputs)
-    if ranks.is_main:
-        store.open(force=config.force)
-    ranks.barrier()
-    if not ranks.is_main:
-        store.open()
+    store = cache.start_parts(final, output_dir / PARTS_DIR, inputs, config.force, ranks)
+    if store is None:
+        reporter.info(f"{final}: cache is complete ({len(questions)} images); nothing to do")
+        return ExtractResult(final, len(questions), 0, time.perf_counter() - started,
+                             final.stat().st_size / len(questions), True,
+                             bool(model.identity.get("random_init")))
     done = set()
     for part in store.parts():
         with h5py.File(part, "r") as f:

@@ -429,26 +429,12 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     }
     final = output_dir / SWEEP_FILE
     model_id = config.model_id or Path(str(config.model_path).rstrip("/")).name
-    if final.exists():
-        attrs = cache.read_attrs(final)
-        if attrs.get("fingerprint") == cache.fingerprint(inputs) and attrs.get("complete"):
-            reporter.info(f"{final}: sweep is complete; nothing to do")
-            results = read_accuracies(final)
-            _report(results, reporter)
-            return SweepResult(final, results, time.perf_counter() - started, 0, True,
-                               random_init)
-        if not config.force:
-            raise CacheMismatchError(cache.mismatch_message(final, cache.stored_inputs(attrs),
-                                                            inputs))
-        ranks.barrier()   # every rank has read the old file before rank 0 removes it
-        if ranks.is_main:
-            final.unlink()
-    store = cache.PartStore(output_dir / PARTS_DIR, inputs)
-    if ranks.is_main:
-        store.open(force=config.force)
-    ranks.barrier()
-    if not ranks.is_main:
-        store.open()
+    store = cache.start_parts(final, output_dir / PARTS_DIR, inputs, config.force, ranks)
+    if store is None:
+        reporter.info(f"{final}: sweep is complete; nothing to do")
+        results = read_accuracies(final)
+        _report(results, reporter)
+        return SweepResult(final, results, time.perf_counter() - started, 0, True, random_init)
 
     done: dict[int, set[int]] = {}
     for part in store.parts():
