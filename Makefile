@@ -23,6 +23,9 @@ install: $(VENV)/.installed
 ifeq ($(strip $(MODEL_PATH)),)
 RUN_ARGS = --model-path $(DEMO_DIR)/llava-tiny-hf --base-dir $(DEMO_DIR)/scienceqa
 RUN_DEPS = demo
+# The demo model has random weights and never emits EOS: cap its answers (LLaVA-1.5 answers
+# ScienceQA in two tokens, the letter and EOS) so the sweep does not decode 1024 tokens a row.
+SWEEP_FLAGS += --max-new-tokens 8
 else
 RUN_ARGS = --model-path $(MODEL_PATH) $(if $(strip $(SCIENCEQA_DIR)),--base-dir $(SCIENCEQA_DIR),)
 RUN_DEPS =
