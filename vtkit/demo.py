@@ -59,6 +59,12 @@ POSITIONS: dict[tuple[int, int], str] = {
     (2, 0): "bottom left", (2, 1): "bottom middle", (2, 2): "bottom right",
 }
 SPLITS = ("train", "val", "test")
+#: Test problems in the demo folder (what `make all` evaluates).
+DEMO_N_TEST = 60
+#: The trained tiny LLaVA shipped with vtkit: an HF-format checkpoint made by
+#: `vtkit demo --train`, with the record of its training (:data:`TRAINING_RECORD`).
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-model"
+TRAINING_RECORD = "training.json"
 
 # Problems come in blocks of 20, shuffled within the block: 4 text-only and 16 images whose PIL
 # mode and size are dealt from these lists (most RGB at 336 x 336), so every split of 20 or more
@@ -534,21 +540,49 @@ def write_demo_scienceqa(out_dir: Path, seed: int = 0, n_test: int = 60, n_train
     return out_dir
 
 
-def write_demo(out_dir: Path, seed: int = 0, n_test: int = 60, *,
-               reporter: Reporter | None = None) -> dict[str, Path]:
+def write_demo(out_dir: Path, seed: int = 0, n_test: int = DEMO_N_TEST, *,
+               trained: bool = True, reporter: Reporter | None = None) -> dict[str, Path]:
     """Write the whole demo into ``out_dir``: ``scienceqa/`` (:func:`write_demo_scienceqa`) and
-    the tiny LLaVA checkpoints (:func:`vtkit.tiny.build_tiny_checkpoints`).
+    the tiny LLaVA checkpoints in both formats.
 
-    Returns the written paths: {"scienceqa": ..., then the checkpoint folders by name}.
+    ``trained`` (default): the demo model shipped in :data:`DEMO_MODEL_DIR` (trained on the demo
+    task; its training.json is copied next to the HF checkpoint); otherwise the random tiny
+    model of :func:`vtkit.tiny.build_tiny_checkpoints` for ``seed``. Returns the written paths:
+    {"scienceqa": ..., then the checkpoint folders by name}.
     """
-    # torch is only needed for the checkpoints; generating data should not pay for importing it.
-    from vtkit.tiny import build_tiny_checkpoints
-
     out_dir = Path(out_dir)
     paths = {"scienceqa": write_demo_scienceqa(out_dir / "scienceqa", seed=seed, n_test=n_test,
                                                reporter=reporter)}
-    paths.update(build_tiny_checkpoints(out_dir, seed=seed))
+    paths.update(write_demo_model(out_dir) if trained else _random_checkpoints(out_dir, seed))
     return paths
+
+
+def write_demo_model(out_dir: Path) -> dict[str, Path]:
+    """Write the shipped demo model under ``out_dir`` in both checkpoint formats (float32), with
+    its training.json next to the HF one; returns the paths as
+    :func:`vtkit.tiny.save_tiny_checkpoints`."""
+    # torch is only needed for the checkpoints; generating data should not pay for importing it.
+    import torch
+
+    from vtkit.errors import DataError
+    from vtkit.model import load_model
+    from vtkit.tiny import save_tiny_checkpoints
+
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        raise DataError(f"the shipped demo model is missing from {DEMO_MODEL_DIR}; reinstall "
+                        "vtkit or train one with `vtkit demo --train`")
+    model = load_model(DEMO_MODEL_DIR, dtype=torch.float32, device="cpu")
+    paths = save_tiny_checkpoints(model.hf, out_dir)
+    record = DEMO_MODEL_DIR / TRAINING_RECORD
+    if record.is_file():
+        shutil.copyfile(record, paths["hf"] / TRAINING_RECORD)
+    return paths
+
+
+def _random_checkpoints(out_dir: Path, seed: int) -> dict[str, Path]:
+    from vtkit.tiny import build_tiny_checkpoints
+
+    return build_tiny_checkpoints(out_dir, seed=seed)
 
 
 def _write_json(path: Path, obj: object) -> None:

@@ -1,0 +1,609 @@
+"""Training the demo model (``vtkit demo --train``): a tiny LLaVA that learns the demo task.
+
+The model is the tiny LLaVA of :mod:`vtkit.tiny` (transformers' ``LlavaForConditionalGeneration``:
+a CLIP-shaped tower at 336 px with 14-px patches, so 576 visual tokens; features from its
+penultimate layer; a Linear-GELU-Linear projector; a small Llama decoder; the tiny tokenizer),
+initialised by :func:`vtkit.tiny.random_tiny_model` and trained end to end on the demo's train
+split (:func:`vtkit.demo.generate_problems`), rendered on the fly, never written to disk.
+
+Every example is what the evaluation feeds the model: the CQM-A question text, the ``vicuna_v1``
+template with the single-prediction instruction, the prompt tokenized chunk by chunk around
+``<image>`` (:mod:`vtkit.prompts`), the image padded to a square of the CLIP mean colour and
+CLIP-preprocessed (:mod:`vtkit.images`), and all 576 visual tokens, as LLaVA trains. The target
+is the assistant turn ``" <letter></s>"``; the loss covers only those answer tokens.
+
+Runs are reproducible: the seed fixes the initial weights, the training problems and their
+order. The learning rate warms up, holds at its peak, then decays (cosine) to a small floor.
+The result is written with :func:`vtkit.tiny.save_tiny_checkpoints` (HF and original format),
+then measured through the real pipeline (extract + sweep, ``l2`` scorer, k = 576 and 20) on the
+demo's test split, and everything is recorded in ``training.json`` next to the HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vtkit import __version__
+from vtkit.data import build_question_entries, question_from_entry
+from vtkit.demo import TRAINING_RECORD, DemoProblem, generate_problems, render_scene
+from vtkit.errors import UsageError
+from vtkit.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    expand_to_square,
+    mean_colour,
+    resize_shortest_edge,
+    to_rgb,
+)
+from vtkit.progress import Reporter
+from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
+
+#: The evaluation protocol the model is trained for (SPEC section 3 and 4).
+CONV_MODE = "vicuna_v1"
+SINGLE_PRED_PROMPT = True
+IMAGE_MODE = "pad"
+#: The two conversations a problem is trained in: the evaluation's (CQM-A question with the
+#: single-prediction instruction; answer " <letter></s>") and the explained one that LLaVA's
+#: ScienceQA fine-tuning used (QCM-LEA, no instruction; answer: lecture, solution, "The answer
+#: is X.").
+ANSWER_FORMAT = "CQM-A"
+EXPLAIN_FORMAT = "QCM-LEA"
+#: Token counts of the final measurement: everything, and the bottom of the sweep grid.
+EVAL_TOKENS = (576, 20)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (saved in training.json)."""
+
+    output_dir: Path = Path("demo-model")   # gets llava-tiny-hf/, llava-tiny-orig/, clip-.../
+    seed: int = 0                  # initial weights, training problems and their order
+    steps: int = 6000              # optimiser steps (at most, with time_budget)
+    batch_size: int = 128
+    lr: float = 1e-3               # peak learning rate (AdamW)
+    warmup_steps: int = 300        # linear warm-up from 0
+    hold_fraction: float = 0.6     # the peak holds until this share of the steps, then decays
+    final_lr_fraction: float = 0.02  # the cosine decay ends at lr * this
+    weight_decay: float = 0.05     # on matrices only
+    grad_clip: float = 1.0
+    explain_fraction: float = 0.0  # share of each batch trained in the explained format
+    n_train: int | None = None     # None: new problems for every batch; N: cycle through the
+                                   # first N problems of the demo's train split
+    n_val: int = 512               # validation problems (teacher-forced accuracy during training)
+    n_eval: int = 1000             # test problems for the final pipeline measurement (0: skip)
+    eval_every: int = 500          # steps between validation passes
+    device: str = "auto"
+    time_budget: float | None = None  # seconds of training; fixes the step count after warm-up
+    workers: int | None = None     # data-loading processes (None: 0 on CPU, up to 14 on CUDA)
+    save_dtype: str = "float16"    # dtype of the saved weights (float16 keeps the shipped model
+                                   # small; the evaluation loads them as float32)
+    # Model shape (see vtkit.tiny.tiny_config): larger than the test fixtures, small enough
+    # that `make all` sweeps it in about a minute on two CPU cores and that it ships in < 5 MB.
+    text_hidden_size: int = 128
+    text_layers: int = 6           # prompt -> answer -> option letter takes several hops
+    text_heads: int = 4
+    text_intermediate_size: int = 352
+    vision_hidden_size: int = 96
+    vision_layers: int = 5         # the last one is unused: features come from layer -2
+    vision_heads: int = 4
+    vision_intermediate_size: int = 256
+    command: str | None = None     # how the run was started (recorded; default: sys.argv)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: checkpoint paths, its record (also in training.json), wall time."""
+
+    paths: dict[str, Path]
+    record: dict
+    seconds: float
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot train (UsageError naming the flag)."""
+    checks = {
+        "--steps": config.steps >= 1, "--batch-size": config.batch_size >= 1,
+        "--lr": config.lr > 0, "--n-train": config.n_train is None or config.n_train >= 1,
+        "--time-budget": config.time_budget is None or config.time_budget > 0,
+        "--workers": config.workers is None or config.workers >= 0,
+    }
+    for flag, ok in checks.items():
+        if not ok:
+            raise UsageError(f"{flag} must be positive")
+    for name in ("hold_fraction", "explain_fraction"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise UsageError(f"{name} must be between 0 and 1")
+    if config.save_dtype not in ("float16", "bfloat16", "float32"):
+        raise UsageError(f"save dtype must be float16, bfloat16 or float32, not "
+                         f"{config.save_dtype!r}")
+
+
+def model_config(config: TrainConfig):
+    """The LlavaConfig of the model to train (:func:`vtkit.tiny.tiny_config` with its shape)."""
+    from vtkit.tiny import tiny_config
+
+    return tiny_config(
+        text_hidden_size=config.text_hidden_size, text_layers=config.text_layers,
+        text_heads=config.text_heads, text_intermediate_size=config.text_intermediate_size,
+        vision_hidden_size=config.vision_hidden_size, vision_layers=config.vision_layers,
+        vision_heads=config.vision_heads,
+        vision_intermediate_size=config.vision_intermediate_size)
+
+
+def learning_rate(step: int, config: TrainConfig, steps: int) -> float:
+    """The learning rate of ``step`` (0-based) in a run of ``steps`` steps.
+
+    Linear warm-up over ``warmup_steps``, then the peak until ``hold_fraction`` of the run, then
+    a cosine down to ``final_lr_fraction`` of the peak at the last step. Warm-up values do not
+    depend on ``steps``, so a time budget can fix the step count once warm-up has been timed.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_start = max(config.warmup_steps, int(config.hold_fraction * steps))
+    if step < decay_start:
+        return config.lr
+    progress = min(1.0, (step - decay_start) / max(1, steps - 1 - decay_start))
+    floor = config.final_lr_fraction
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+
+
+def clip_uint8(image, size: int) -> np.ndarray:
+    """The pixels CLIP preprocessing normalises, as uint8 [3, size, size]: RGB, padded to a
+    square of the CLIP mean colour, shortest edge resized to ``size`` (bicubic), centre crop.
+
+    Same steps as :func:`vtkit.images.preprocess_images` in ``pad`` mode; the normalisation is
+    left to :func:`normalise_pixels` so batches travel as bytes (a quarter of float32's).
+    """
+    image = expand_to_square(to_rgb(image), mean_colour(CLIP_MEAN))
+    pixels = np.asarray(resize_shortest_edge(image, size), dtype=np.uint8)
+    height, width = pixels.shape[:2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.ascontiguousarray(pixels[top:top + size, left:left + size].transpose(2, 0, 1))
+
+
+def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] from :func:`clip_uint8` -> CLIP's normalised float32 input."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
+
+
+def answer_ids(prompt: str, prompt_ids: list[int], answer: str, tokenizer) -> list[int]:
+    """Token ids of the assistant's turn ``" {answer}</s>"`` after ``prompt``.
+
+    LLaVA trains on the whole conversation tokenized at once, so the answer's ids are what
+    ``prompt + " " + answer`` adds to the prompt's own ids, then EOS.
+    """
+    full = tokenize_prompt(f"{prompt} {answer}", tokenizer)
+    if full[:len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"the tokenizer splits the prompt differently before the answer "
+                         f"{answer[:20]!r}; the answer cannot be appended token-wise")
+    return full[len(prompt_ids):] + [int(tokenizer.eos_token_id)]
+
+
+@dataclass
+class Example:
+    """One training example: prompt ids around the image, answer ids, image bytes or None."""
+
+    prefix: list[int]        # ids before the image (all of the prompt for text-only problems)
+    suffix: list[int]        # ids after the image
+    answer: list[int]        # " <letter>" and EOS
+    pixels: np.ndarray | None  # uint8 [3, size, size]
+    template: str
+
+
+class DemoExamples(Dataset):
+    """Demo problems as training examples, rendered when asked for (so data-loading workers
+    share the work and no image ever touches the disk). Indexing gives the evaluation's format."""
+
+    def __init__(self, problems: Sequence[DemoProblem], tokenizer, image_size: int) -> None:
+        self.problems = list(problems)
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.example(self.problems[index])
+
+    def example(self, problem: DemoProblem, explain: bool = False) -> Example:
+        """The training example of any demo problem, in the evaluation's format or, with
+        ``explain``, in the explained one (:data:`EXPLAIN_FORMAT`)."""
+        fmt = EXPLAIN_FORMAT if explain else ANSWER_FORMAT
+        entry = build_question_entries({problem.pid: problem.problem}, [problem.pid], fmt)[0]
+        question = question_from_entry(entry, f"demo problem {problem.pid}")
+        prompt = build_prompt(question, CONV_MODE, SINGLE_PRED_PROMPT and not explain)
+        ids = tokenize_prompt(prompt, self.tokenizer)
+        answer = answer_ids(prompt, ids, question.answer, self.tokenizer)
+        pixels = None
+        if problem.scene is not None:
+            cut = ids.index(IMAGE_TOKEN_INDEX)
+            prefix, suffix = ids[:cut], ids[cut + 1:]
+            image = render_scene(problem.scene, problem.size, problem.mode)
+            pixels = clip_uint8(image, self.image_size)
+        else:
+            prefix, suffix = ids, []
+        return Example(prefix, suffix, answer, pixels, problem.template)
+
+
+@dataclass
+class Batch:
+    """A right-padded batch. ``input_ids`` hold ``num_patches`` image tokens where each image
+    goes (transformers' LLaVA replaces them with the projected features); ``positions[b, j]``
+    is where the logits for ``targets[b, j]`` are read (-100 targets are padding)."""
+
+    input_ids: torch.Tensor     # [B, L]
+    pixels: torch.Tensor | None  # uint8 [images, 3, H, W]
+    positions: torch.Tensor     # [B, T]
+    targets: torch.Tensor       # [B, T]
+    templates: list[str]
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader calls this with ``pin_memory=True``)."""
+        pixels = None if self.pixels is None else self.pixels.pin_memory()
+        return Batch(self.input_ids.pin_memory(), pixels, self.positions, self.targets,
+                     self.templates)
+
+
+def collate(examples: Sequence[Example], *, image_token_id: int, pad_token_id: int,
+            num_patches: int) -> Batch:
+    """Build a :class:`Batch`. Right padding needs no attention mask: under the causal mask no
+    real token sees a pad, and every sequence's positions start at 0, as in the evaluation."""
+    sequences, positions, targets = [], [], []
+    for ex in examples:
+        image = [image_token_id] * num_patches if ex.pixels is not None else []
+        # The model reads the prompt and the answer but the last token; each answer token is
+        # predicted from the position before it.
+        sequence = ex.prefix + image + ex.suffix + ex.answer[:-1]
+        start = len(sequence) - len(ex.answer)
+        sequences.append(sequence)
+        positions.append(list(range(start, start + len(ex.answer))))
+        targets.append(list(ex.answer))
+    length = max(map(len, sequences))
+    width = max(map(len, targets))
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(examples), width), dtype=torch.long)
+    target_ids = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, (seq, pos, tgt) in enumerate(zip(sequences, positions, targets, strict=True)):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        position_ids[row, :len(pos)] = torch.tensor(pos)
+        target_ids[row, :len(tgt)] = torch.tensor(tgt)
+    images = [ex.pixels for ex in examples if ex.pixels is not None]
+    # numpy stacks uint8 images many times faster than torch.stack does on the CPU.
+    pixels = torch.from_numpy(np.stack(images)) if images else None
+    return Batch(input_ids, pixels, position_ids, target_ids, [ex.template for ex in examples])
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The demo seed whose train split gives batch ``index`` of a run seeded ``seed``."""
+    return seed * 2**32 + index
+
+
+class TrainBatches(Dataset):
+    """The batches of a run, each built on its own, so that loading workers share no state and
+    the data do not depend on how many there are. The first ``explain_fraction`` of each batch
+    is in the explained format, the rest in the evaluation's.
+
+    Without a pool, batch ``i`` is the first ``batch_size`` problems of the demo's train split
+    for the seed :func:`batch_seed` (seed, i): every batch is new, so a small model cannot
+    memorise its training set (the demo task's text questions come from a few thousand
+    templates' worth of words). With a pool (the first ``n_train`` problems of the train split),
+    batch ``i`` is the next slice of a seeded permutation of the pool, one per epoch.
+    """
+
+    def __init__(self, examples: DemoExamples, *, batch_size: int, seed: int, length: int,
+                 pooled: bool, explain_fraction: float = 0.0, **collate_settings) -> None:
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.length, self.pooled = length, pooled
+        self.explained = round(batch_size * explain_fraction)
+        self.collate_settings = collate_settings
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Batch:
+        if self.pooled:
+            problems = [self.examples.problems[i] for i in self._pool_indices(index)]
+        else:
+            problems = generate_problems("train", self.batch_size, batch_seed(self.seed, index))
+        # A split's order is shuffled in blocks of 20, so the first problems are as good a
+        # sample as any for the explained format.
+        return collate([self.examples.example(p, explain=j < self.explained)
+                        for j, p in enumerate(problems)], **self.collate_settings)
+
+    def _pool_indices(self, index: int) -> list[int]:
+        n = len(self.examples.problems)
+        per_epoch = max(1, n // self.batch_size)
+        epoch, slot = divmod(index, per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        return order[slot * self.batch_size:(slot + 1) * self.batch_size]
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+def answer_loss(hf, batch: Batch, device: torch.device,
+                autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the answer tokens of ``batch`` (the mean per sequence, averaged) and,
+    per example, whether the first answer token (the letter, in the evaluation's format) is the
+    arg-max of its logits (bool [B])."""
+    input_ids = batch.input_ids.to(device, non_blocking=True)
+    pixels = None if batch.pixels is None else normalise_pixels(
+        batch.pixels.to(device, non_blocking=True))
+    positions = batch.positions.to(device)
+    targets = batch.targets.to(device)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        hidden = hf.model(input_ids=input_ids, pixel_values=pixels,
+                          use_cache=False).last_hidden_state
+        rows = torch.arange(len(input_ids), device=device)[:, None]
+        # The head runs only where an answer token is predicted, not over the whole sequence.
+        logits = hf.lm_head(hidden[rows, positions]).float()
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    # Each sequence counts once, however long its answer: a two-token letter answer weighs as
+    # much as an explained one.
+    mask = targets != -100
+    loss = ((token_loss.view_as(targets) * mask).sum(1) / mask.sum(1)).mean()
+    letter_right = logits[:, 0].argmax(-1) == targets[:, 0]
+    return loss, letter_right
+
+
+@torch.no_grad()
+def validate(hf, batches: Sequence[Batch], device: torch.device,
+             autocast_dtype: torch.dtype | None) -> dict:
+    """Teacher-forced loss and letter accuracy on held-out batches, overall and per template."""
+    hf.eval()
+    losses, right, by_template = [], 0, defaultdict(lambda: [0, 0])
+    total = 0
+    for batch in batches:
+        loss, letter_right = answer_loss(hf, batch, device, autocast_dtype)
+        losses.append(float(loss) * len(batch.templates))
+        total += len(batch.templates)
+        right += int(letter_right.sum())
+        for template, ok in zip(batch.templates, letter_right.tolist(), strict=True):
+            by_template[template][0] += int(ok)
+            by_template[template][1] += 1
+    hf.train()
+    per_template = {k: round(100.0 * c / n, 1) for k, (c, n) in sorted(by_template.items())}
+    return {"loss": sum(losses) / total, "accuracy": 100.0 * right / total,
+            "by_template": per_template}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _default_workers(device: torch.device) -> int:
+    import os
+
+    if device.type != "cuda":
+        return 0
+    return max(1, min(14, (os.cpu_count() or 2) - 2))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
+    """Train the demo model, save it in both formats under ``config.output_dir``, measure it
+    through the pipeline and write ``training.json`` next to the HF checkpoint.
+
+    Returns the checkpoint paths (as :func:`vtkit.tiny.save_tiny_checkpoints`), the record and
+    the wall time. ``time_budget`` (seconds) times the warm-up steps and then fixes the step
+    count (at most ``steps``) so training fits; the record says which count was used, and
+    passing it as ``steps`` repeats the run.
+    """
+    from transformers import __version__ as transformers_version
+
+    from vtkit.model import load_tokenizer, resolve_device
+    from vtkit.tiny import TOKENIZER_DIR, random_tiny_model, save_tiny_checkpoints
+
+    check_config(config)
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(config.seed)
+
+    llava_config = model_config(config)
+    hf = random_tiny_model(llava_config, config.seed).to(device).train()
+    parameters = sum(p.numel() for p in hf.parameters())
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    vision = llava_config.vision_config
+    num_patches = (vision.image_size // vision.patch_size) ** 2
+    collate_settings = {"image_token_id": llava_config.image_token_id,
+                        "pad_token_id": llava_config.text_config.pad_token_id,
+                        "num_patches": num_patches}
+
+    pool = []
+    if config.n_train is not None:
+        reporter.info(f"generating the {config.n_train} training problems")
+        pool = generate_problems("train", config.n_train, config.seed)
+    batches_source = TrainBatches(
+        DemoExamples(pool, tokenizer, vision.image_size), batch_size=config.batch_size,
+        seed=config.seed, length=config.steps, pooled=config.n_train is not None,
+        explain_fraction=config.explain_fraction, **collate_settings)
+    workers = _default_workers(device) if config.workers is None else config.workers
+    loader = DataLoader(batches_source, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                        pin_memory=device.type == "cuda",
+                        **({"prefetch_factor": 4} if workers else {}))
+    val_set = DemoExamples(generate_problems("val", config.n_val, config.seed), tokenizer,
+                           vision.image_size)
+    val_batches = [collate([val_set[i] for i in range(j, min(j + config.batch_size, len(val_set)))],
+                           **collate_settings)
+                   for j in range(0, len(val_set), config.batch_size)]
+
+    decay, no_decay = [], []
+    for parameter in hf.parameters():
+        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    reporter.info(f"training {parameters / 1e6:.2f} M parameters on {_device_name(device)}, "
+                  f"batch {config.batch_size}, {workers} loading workers")
+    steps = config.steps
+    budget_known = config.time_budget is None
+    # The second half of warm-up sets the pace (the first steps pay for allocator and kernel
+    # start-up); the count is fixed when warm-up ends, before any rate depended on it.
+    timing_from = min(10, config.warmup_steps // 2)
+    history: list[dict] = []
+    # Summed on the device: reading a loss every step would wait for the GPU every step.
+    recent_sum, recent_count = torch.zeros((), device=device), 0
+    train_started = time.perf_counter()
+    timing_started = train_started
+    step = 0
+    with reporter.task("train", total=steps, unit="steps") as task:
+        batches = iter(loader)
+        while step < steps:
+            lr = learning_rate(step, config, steps)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            loss, _ = answer_loss(hf, next(batches), device, autocast_dtype)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), config.grad_clip)
+            optimiser.step()
+            recent_sum += loss.detach()
+            recent_count += 1
+            step += 1
+            task.advance()
+            if step == timing_from:
+                _synchronise(device)
+                timing_started = time.perf_counter()
+            if not budget_known and step >= config.warmup_steps:
+                _synchronise(device)
+                now = time.perf_counter()
+                pace = (now - timing_started) / max(1, step - timing_from)
+                # 3% slack for validation passes and the slower cache-cold steps.
+                left = config.time_budget - (now - train_started)
+                steps = max(step + 1, min(config.steps, step + int(0.97 * left / pace)))
+                budget_known = True
+                reporter.info(f"time budget {config.time_budget:.0f} s at {pace * 1000:.0f} ms "
+                              f"per step: {steps} steps")
+                task.describe(f"train ({steps} steps)")
+            if step % config.eval_every == 0 or step == steps:
+                val = validate(hf, val_batches, device, autocast_dtype)
+                entry = {"step": step, "lr": lr,
+                         "train_loss": round(float(recent_sum) / recent_count, 4),
+                         "val_loss": round(val["loss"], 4), "val_accuracy": val["accuracy"],
+                         "val_by_template": val["by_template"],
+                         "seconds": round(time.perf_counter() - train_started, 1)}
+                history.append(entry)
+                recent_sum, recent_count = torch.zeros((), device=device), 0
+                kinds = ", ".join(f"{k} {v:.0f}" for k, v in val["by_template"].items())
+                reporter.info(f"step {step}: train loss {entry['train_loss']:.3f}, val loss "
+                              f"{val['loss']:.3f}, val accuracy {val['accuracy']:.1f}% ({kinds})")
+    train_seconds = time.perf_counter() - train_started
+    del loader, batches
+
+    hf = hf.to("cpu", getattr(torch, config.save_dtype)).eval()
+    output_dir = Path(config.output_dir)
+    paths = save_tiny_checkpoints(hf, output_dir)
+    record = {
+        "command": config.command or "vtkit.train.train_demo_model (Python API)",
+        "vtkit_version": __version__,
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "protocol": {"conv_mode": CONV_MODE, "single_pred_prompt": SINGLE_PRED_PROMPT,
+                     "image_mode": IMAGE_MODE, "visual_tokens": num_patches,
+                     "formats": {ANSWER_FORMAT: "single-prediction prompt, answer "
+                                                "' <letter></s>'",
+                                 EXPLAIN_FORMAT: "no instruction, answer: lecture, solution, "
+                                                 "'The answer is X.'"},
+                     "loss": "answer tokens only"},
+        "parameters": parameters,
+        "steps": steps,
+        "samples_seen": steps * config.batch_size,
+        "final_train_loss": history[-1]["train_loss"],
+        "final_val": validate(hf.to(device, torch.float32), val_batches, device, None),
+        "history": history,
+        "evaluation": None,
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers_version,
+        "saved_dtype": config.save_dtype,
+    }
+    # Written before the measurement too, so a failed measurement still leaves the record.
+    (paths["hf"] / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if config.n_eval:
+        record["evaluation"] = evaluate_checkpoint(paths["hf"], n_test=config.n_eval,
+                                                   seed=config.seed, device=device,
+                                                   reporter=reporter)
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        (paths["hf"] / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return TrainResult(paths, record, time.perf_counter() - started)
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate_checkpoint(model_path: Path, *, n_test: int, seed: int = 0,
+                        device: str | torch.device = "auto", scorer: str = "l2",
+                        tokens: Sequence[int] = EVAL_TOKENS, max_new_tokens: int = 1024,
+                        reporter: Reporter | None = None) -> dict:
+    """Accuracy of a checkpoint on the first ``n_test`` demo test problems through the pipeline
+    (extract, then sweep at ``tokens`` with ``scorer``), in float32.
+
+    Returns ``{"scorer", "n_test", "questions", "image_questions", "accuracy": {k: %},
+    "img_accuracy": {k: %}}`` (keys of the dicts are str(k), as in JSON).
+    """
+    from vtkit.demo import write_demo_scienceqa
+    from vtkit.extract import ExtractConfig, extract
+    from vtkit.model import load_model
+    from vtkit.sweep import SweepConfig, sweep
+
+    model = load_model(str(model_path), dtype="float32", device=device)
+    scratch = Path(tempfile.mkdtemp(prefix="vtkit-eval-"))
+    try:
+        base_dir = write_demo_scienceqa(scratch / "scienceqa", seed=seed, n_test=n_test)
+        out = scratch / "out"
+        extract(ExtractConfig(model_path=str(model_path), base_dir=base_dir, output_dir=out,
+                              dtype="float32", device=str(model.device)), model=model)
+        result = sweep(SweepConfig(model_path=str(model_path), base_dir=base_dir,
+                                   tokens=list(tokens), output_dir=out, scorer=scorer,
+                                   max_new_tokens=max_new_tokens, dtype="float32",
+                                   device=str(model.device)), reporter=reporter, model=model)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    first = result.results[0]
+    return {
+        "scorer": scorer, "split": "test", "n_test": n_test,
+        "questions": first.total, "image_questions": first.img_total,
+        "accuracy": {str(r.k): round(r.accuracy, 2) for r in result.results},
+        "img_accuracy": {str(r.k): round(r.img_accuracy, 2) for r in result.results},
+    }
