@@ -1,16 +1,16 @@
 """The synthetic demo ScienceQA folder that `vtkit demo` writes.
 
 Each image problem shows a 336 x 336 scene: a 3 x 3 grid of 112-px cells, 2-6 of them holding one
-large object (a circle, square or triangle, 50-90 px, red, green, blue or yellow). Questions are
-local (the colour or shape of the object at one position) or global (counts, the most common
-colour or shape, whether a given object is there). About a fifth of the problems have no image
-and are answered from their hint (or from the question alone), as in real ScienceQA.
+large object (a circle, square or triangle, 72-90 px, red, green, blue or yellow). Questions are
+local (the colour or shape of the object at one position) or global (counts, whether a given
+object is there). About a fifth of the problems have no image and are answered from their hint
+(or from the question alone), as in real ScienceQA.
 
-Answers are not guessable from the text: for every question the correct answer is drawn first,
-uniformly from the template's answer set, the distractors uniformly from the rest, and only then a
-scene is drawn (by rejection) that makes the drawn answer true; the correct letter is dealt from
-shuffled decks so letters stay balanced. :func:`text_only_baseline` measures what a text-only
-guesser still gets.
+Every question kind has a fixed list of options in a fixed order (as many real ScienceQA kinds
+do: "past, present, future"), and answers are not guessable from the text: the correct answer is
+dealt first, from a shuffled deck of the kind's options (so answers and letters stay balanced),
+and only then a scene is drawn (by rejection) that makes it true. :func:`text_only_baseline`
+measures what a text-only guesser still gets.
 
 Everything is seeded per split and generated in order, so the same seed gives the same bytes, and
 the first n problems of a split are the same for any larger n.
@@ -37,8 +37,9 @@ from vtkit.progress import Reporter
 SCENE_SIZE = 336
 GRID = 3
 CELL = SCENE_SIZE // GRID
-#: Object side range in scene pixels: large enough to cover many 14-px patches.
-OBJECT_SIZES = (50, 90)
+#: Object side range in scene pixels: large enough to cover many 14-px patches (26-41 for a
+#: square), and close enough in size that an object's share of the patches is a fair measure.
+OBJECT_SIZES = (72, 90)
 #: Gap kept between an object and its cell border, so neighbours never touch.
 CELL_MARGIN = 5
 #: Objects per scene (each in its own cell).
@@ -71,7 +72,8 @@ TRAINING_RECORD = "training.json"
 # problems has every mode and the mix stays fixed as the split grows.
 _BLOCK_KINDS = ("text",) * 4 + ("RGB",) * 10 + ("RGBA",) * 2 + ("P",) * 2 + ("L", "LA")
 _BLOCK_SIZES = ((336, 336),) * 12 + ((400, 300), (300, 420), (448, 448), (224, 224))
-_GRAYSCALE = ("L", "LA")
+#: PIL modes without colour: their questions never ask about colour.
+GRAYSCALE_MODES = ("L", "LA")
 # pid = 3 * i + offset: numeric strings, splits interleaved as in the real file, and a split's
 # pids do not depend on the sizes of the other splits.
 _PID_OFFSET = {"test": 1, "val": 2, "train": 3}
@@ -115,13 +117,6 @@ class Scene:
         return sum((colour in (None, o.colour)) and (shape in (None, o.shape))
                    for o in self.objects)
 
-    def most_common(self, attribute: str) -> str | None:
-        """The strictly most frequent value of "colour" or "shape", or None on a tie."""
-        ranked = Counter(getattr(o, attribute) for o in self.objects).most_common(2)
-        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
-            return None
-        return ranked[0][0]
-
 
 @dataclass(frozen=True)
 class DemoProblem:
@@ -143,11 +138,10 @@ class DemoProblem:
 
 @dataclass(frozen=True)
 class _Template:
-    """An image question kind: its wording, answer set, choice counts and metadata."""
+    """An image question kind: its wording, options (in their fixed order) and metadata."""
 
     question: str
-    answers: tuple[str, ...]
-    n_choices: tuple[int, ...]
+    options: tuple[str, ...]
     needs_colour: bool
     local: bool
     weight: int
@@ -158,39 +152,31 @@ class _Template:
 
 
 _COLOUR_NAMES = tuple(COLOURS)
-# Local templates (one object) are drawn twice as often as each global one, so that about 4 in
-# 10 image questions are local and a pruning curve can show both kinds of evidence going.
+# Local templates (one object) are drawn twice as often as each global one, so that half of the
+# image questions are local and a pruning curve can show both kinds of evidence going.
 IMAGE_TEMPLATES: dict[str, _Template] = {
     "colour_at": _Template(
-        "What color is the shape in the {position} of the picture?", _COLOUR_NAMES, (2, 3, 4),
+        "What color is the shape in the {position} of the picture?", _COLOUR_NAMES,
         needs_colour=True, local=True, weight=2, topic="colors", category="Identify colors",
         skill="Name the color of the shape at a position"),
     "shape_at": _Template(
-        "Which shape is in the {position} of the picture?", SHAPES, (2, 3),
+        "Which shape is in the {position} of the picture?", SHAPES,
         needs_colour=False, local=True, weight=2, topic="shapes", category="Identify shapes",
         skill="Name the shape at a position"),
     "count_colour": _Template(
-        "How many {colour} shapes are in the picture?", _COUNTS, (3, 4, 5),
+        "How many {colour} shapes are in the picture?", _COUNTS,
         needs_colour=True, local=False, weight=1, topic="counting", category="Count objects",
         skill="Count the shapes of one color"),
     "count_shape": _Template(
-        "How many {shape}s are in the picture?", _COUNTS, (3, 4, 5),
+        "How many {shape}s are in the picture?", _COUNTS,
         needs_colour=False, local=False, weight=1, topic="counting", category="Count objects",
         skill="Count the shapes of one kind"),
     "count_total": _Template(
-        "How many shapes are in the picture?", tuple(str(n) for n in range(2, 7)), (3, 4, 5),
+        "How many shapes are in the picture?", tuple(str(n) for n in range(2, 7)),
         needs_colour=False, local=False, weight=1, topic="counting", category="Count objects",
         skill="Count all the shapes"),
-    "most_colour": _Template(
-        "Which color do most of the shapes in the picture have?", _COLOUR_NAMES, (2, 3, 4),
-        needs_colour=True, local=False, weight=1, topic="colors", category="Compare amounts",
-        skill="Find the most common color"),
-    "most_shape": _Template(
-        "Which shape appears most often in the picture?", SHAPES, (2, 3),
-        needs_colour=False, local=False, weight=1, topic="shapes", category="Compare amounts",
-        skill="Find the most common shape"),
     "has_object": _Template(
-        "Is there a {colour} {shape} in the picture?", ("yes", "no"), (2,),
+        "Is there a {colour} {shape} in the picture?", ("yes", "no"),
         needs_colour=True, local=False, weight=1, topic="shapes", category="Find objects",
         skill="Find a shape of a given color", task="yes or no"),
 }
@@ -202,8 +188,7 @@ _LECTURES = {
               "corners. A triangle has three sides and three corners.",
     "counting": "To count objects, point at each one once and say the next number. The last "
                 "number you say is how many there are.",
-    "reading-comprehension": "Read the text carefully. The answer is in the text, sometimes as "
-                             "numbers that you need to add.",
+    "reading-comprehension": "Read the text carefully. The answer is in the text.",
     "community": "People waiting in a line are served in order: first the person at the front, "
                  "last the person at the back.",
 }
@@ -211,7 +196,7 @@ _LECTURES = {
 
 def scene_answer(scene: Scene, template: str, params: Mapping[str, str]) -> str | None:
     """The correct answer of an image question about ``scene``, or None when it has none (the
-    asked cell is empty, or the most common value is tied)."""
+    asked cell is empty)."""
     if template in ("colour_at", "shape_at"):
         obj = scene.at(*_cell(params["position"]))
         if obj is None:
@@ -223,10 +208,6 @@ def scene_answer(scene: Scene, template: str, params: Mapping[str, str]) -> str 
         return str(scene.count(shape=params["shape"]))
     if template == "count_total":
         return str(len(scene.objects))
-    if template == "most_colour":
-        return scene.most_common("colour")
-    if template == "most_shape":
-        return scene.most_common("shape")
     if template == "has_object":
         return "yes" if scene.count(params["colour"], params["shape"]) else "no"
     raise ValueError(f"unknown image template {template!r}")
@@ -246,12 +227,6 @@ def _solution(scene: Scene, template: str, params: Mapping[str, str], answer: st
         why = f"The picture shows {_plural(int(answer), params['shape'])}."
     elif template == "count_total":
         why = f"The picture shows {_plural(int(answer), 'shape')}."
-    elif template in ("most_colour", "most_shape"):
-        attribute = "colour" if template == "most_colour" else "shape"
-        counts = Counter(getattr(o, attribute) for o in scene.objects)
-        why = "The picture shows " + ", ".join(
-            _plural(n, v if attribute == "shape" else f"{v} shape")
-            for v, n in sorted(counts.items())) + "."
     else:
         n = scene.count(params["colour"], params["shape"])
         why = f"The picture shows {_plural(n, params['colour'] + ' ' + params['shape'])}."
@@ -263,28 +238,21 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-class _LetterDeck:
-    """Deals the position of the correct choice from a shuffled deck per number of choices, so
-    correct letters stay balanced even in a small split."""
+class _AnswerDeck:
+    """Deals the correct option of each question kind from a shuffled deck of its options, so
+    answers (and with them letters) stay balanced even in a small split, and the text of a
+    question says nothing about which option is right."""
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
-        self._decks: dict[int, list[int]] = {}
+        self._decks: dict[str, list[int]] = {}
 
-    def deal(self, n_choices: int) -> int:
-        deck = self._decks.setdefault(n_choices, [])
+    def deal(self, kind: str, n_options: int) -> int:
+        deck = self._decks.setdefault(kind, [])
         if not deck:
-            deck.extend(range(n_choices))
+            deck.extend(range(n_options))
             self._rng.shuffle(deck)
         return deck.pop()
-
-
-def _choices(rng: random.Random, deck: _LetterDeck, answer: str, answers: Iterable[str],
-             n_choices: int) -> tuple[list[str], int]:
-    """``n_choices`` options: the answer at a dealt position, distractors drawn uniformly."""
-    distractors = rng.sample([a for a in answers if a != answer], n_choices - 1)
-    index = deck.deal(n_choices)
-    return distractors[:index] + [answer] + distractors[index:], index
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -301,25 +269,26 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(tuple(objects), rng.choice(BACKGROUNDS))
 
 
-def _image_problem(rng: random.Random, deck: _LetterDeck, mode: str
+def _image_problem(rng: random.Random, deck: _AnswerDeck, mode: str
                    ) -> tuple[str, dict[str, str], Scene, dict]:
     """An image question fit for ``mode``: (template name, params, scene, problems.json record)."""
-    names = [n for n, t in IMAGE_TEMPLATES.items() if mode not in _GRAYSCALE or not t.needs_colour]
+    names = [n for n, t in IMAGE_TEMPLATES.items()
+             if mode not in GRAYSCALE_MODES or not t.needs_colour]
     name = rng.choices(names, weights=[IMAGE_TEMPLATES[n].weight for n in names])[0]
     template = IMAGE_TEMPLATES[name]
     params = {"position": rng.choice(list(POSITIONS.values())), "colour": rng.choice(_COLOUR_NAMES),
               "shape": rng.choice(SHAPES)}
     params = {k: v for k, v in params.items() if "{" + k + "}" in template.question}
     # Answer first, scene second: the text then says nothing about which choice is right.
-    answer = rng.choice(template.answers)
+    index = deck.deal(name, len(template.options))
+    answer = template.options[index]
     scene = random_scene(rng)
     while scene_answer(scene, name, params) != answer:
         scene = random_scene(rng)
-    choices, index = _choices(rng, deck, answer, template.answers,
-                              rng.choice(template.n_choices))
     grade = rng.randint(1, 6) if template.local else rng.randint(7, 12)
     record = _record(
-        question=template.question.format(**params), choices=choices, answer=index,
+        question=template.question.format(**params), choices=list(template.options),
+        answer=index,
         hint=rng.choice(_IMAGE_HINTS) if rng.random() < 0.3 else "", image="image.png",
         task=template.task, grade=grade, subject="natural science", topic=template.topic,
         category=template.category, skill=template.skill, lecture=_LECTURES[template.topic],
@@ -329,14 +298,13 @@ def _image_problem(rng: random.Random, deck: _LetterDeck, mode: str
 
 @dataclass(frozen=True)
 class _TextDraft:
-    """A text-only question before its choices are dealt."""
+    """A text-only question, its options in their fixed order."""
 
     kind: str
     hint: str
     question: str
-    answer: str
-    answers: tuple[str, ...]
-    n_choices: int
+    options: tuple[str, ...]
+    answer: int
     topic: str
     solution: str
 
@@ -344,9 +312,9 @@ class _TextDraft:
 _NAMES = ("Mia", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Lily", "Ravi")
 _THINGS = ("marble", "apple", "pencil", "block", "balloon")
 _ITEMS = ("ball", "hat", "kite", "cup", "bike")
-_STORY_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 _ORDINALS = ("first", "second", "third")
-_CORNERS = {"circle": "no corners", "triangle": "three corners", "square": "four corners"}
+_CORNERS = {"circle": "no corners", "square": "four corners", "triangle": "three corners"}
+_STORY_COUNTS = tuple(str(n) for n in range(1, 6))
 #: topic -> (subject, category, skill) of the text-only questions.
 _TEXT_TOPICS = {
     "reading-comprehension": ("language science", "Read for details",
@@ -354,61 +322,49 @@ _TEXT_TOPICS = {
     "community": ("social science", "Order and sequence", "Find a place in a line"),
     "shapes": ("natural science", "Identify shapes", "Name a shape from its corners"),
 }
+_TEXT_KINDS = ("count_story", "owner_colour", "line_order", "shape_corners")
 
 
-def _count_story(rng: random.Random) -> _TextDraft:
-    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
-    total = rng.randint(2, 8)
-    first = rng.randint(1, total - 1)
-    c1, c2 = rng.sample(_STORY_COLOURS, 2)
-    return _TextDraft(
-        "count_story",
-        f"{name} has {_plural(first, f'{c1} {thing}')} and "
-        f"{_plural(total - first, f'{c2} {thing}')}.",
-        f"How many {thing}s does {name} have?", str(total), tuple(str(n) for n in range(2, 9)),
-        rng.choice((3, 4)), "reading-comprehension",
-        f"{name} has {first} + {total - first} = {total} {thing}s.")
+def _text_draft(kind: str, index: int, rng: random.Random) -> _TextDraft:
+    """A text-only question of ``kind`` whose correct option is ``index``."""
+    name = rng.choice(_NAMES)
+    if kind == "count_story":
+        thing, n = rng.choice(_THINGS), _STORY_COUNTS[index]
+        return _TextDraft(kind, f"{name} has {_plural(int(n), thing)}.",
+                          f"How many {thing}s does {name} have?", _STORY_COUNTS, index,
+                          "reading-comprehension", f"The text says that {name} has {n}.")
+    if kind == "owner_colour":
+        item, colour = rng.choice(_ITEMS), _COLOUR_NAMES[index]
+        return _TextDraft(kind, f"{name} has a {colour} {item}.", f"What color is {name}'s {item}?",
+                          _COLOUR_NAMES, index, "reading-comprehension",
+                          f"The text says that {name} has a {colour} {item}.")
+    if kind == "line_order":
+        people = tuple(rng.sample(_NAMES, 3))
+        hint = (f"{people[0]}, {people[1]} and {people[2]} are waiting in line. {people[0]} is "
+                f"first, {people[1]} is second and {people[2]} is third.")
+        return _TextDraft(kind, hint, f"Who is {_ORDINALS[index]} in line?", people, index,
+                          "community", f"The text says that {people[index]} is "
+                                       f"{_ORDINALS[index]}.")
+    shape = SHAPES[index]
+    return _TextDraft(kind, "", f"Which shape has {_CORNERS[shape]}?", SHAPES, index, "shapes",
+                      f"A {shape} has {_CORNERS[shape]}.")
 
 
-def _owner_colour(rng: random.Random) -> _TextDraft:
-    a, b = rng.sample(_NAMES, 2)
-    item = rng.choice(_ITEMS)
-    ca, cb = rng.sample(_STORY_COLOURS, 2)
-    who, colour = rng.choice(((a, ca), (b, cb)))
-    return _TextDraft(
-        "owner_colour", f"{a} has a {ca} {item}. {b} has a {cb} {item}.",
-        f"What color is {who}'s {item}?", colour, _STORY_COLOURS, rng.choice((2, 3, 4)),
-        "reading-comprehension", f"The text says that {who} has a {colour} {item}.")
+_TEXT_OPTIONS = {"count_story": len(_STORY_COUNTS), "owner_colour": len(_COLOUR_NAMES),
+                 "line_order": len(_ORDINALS), "shape_corners": len(SHAPES)}
 
 
-def _line_order(rng: random.Random) -> _TextDraft:
-    people = tuple(rng.sample(_NAMES, 3))
-    place = rng.randrange(3)
-    hint = (f"{people[0]}, {people[1]} and {people[2]} are waiting in line. {people[0]} is first, "
-            f"{people[1]} is second and {people[2]} is third.")
-    return _TextDraft(
-        "line_order", hint, f"Who is {_ORDINALS[place]} in line?", people[place], people,
-        rng.choice((2, 3)), "community", f"The text says that {people[place]} is "
-                                         f"{_ORDINALS[place]}.")
-
-
-def _shape_corners(rng: random.Random) -> _TextDraft:
-    shape = rng.choice(SHAPES)
-    return _TextDraft(
-        "shape_corners", "", f"Which shape has {_CORNERS[shape]}?", shape, SHAPES,
-        rng.choice((2, 3)), "shapes", f"A {shape} has {_CORNERS[shape]}.")
-
-
-def _text_problem(rng: random.Random, deck: _LetterDeck) -> tuple[str, dict]:
+def _text_problem(rng: random.Random, deck: _AnswerDeck) -> tuple[str, dict]:
     """A problem without an image, answered from its hint (or from the question alone)."""
-    draft = rng.choice((_count_story, _owner_colour, _line_order, _shape_corners))(rng)
-    choices, index = _choices(rng, deck, draft.answer, draft.answers, draft.n_choices)
+    kind = rng.choice(_TEXT_KINDS)
+    draft = _text_draft(kind, deck.deal(kind, _TEXT_OPTIONS[kind]), rng)
     subject, category, skill = _TEXT_TOPICS[draft.topic]
+    answer = draft.options[draft.answer]
     record = _record(
-        question=draft.question, choices=choices, answer=index, hint=draft.hint, image=None,
-        task="closed choice", grade=rng.randint(1, 6), subject=subject, topic=draft.topic,
-        category=category, skill=skill, lecture=_LECTURES[draft.topic],
-        solution=f"{draft.solution} So, the answer is {draft.answer}.")
+        question=draft.question, choices=list(draft.options), answer=draft.answer,
+        hint=draft.hint, image=None, task="closed choice", grade=rng.randint(1, 6),
+        subject=subject, topic=draft.topic, category=category, skill=skill,
+        lecture=_LECTURES[draft.topic], solution=f"{draft.solution} So, the answer is {answer}.")
     return draft.kind, record
 
 
@@ -430,7 +386,7 @@ def generate_problems(split: str, n: int, seed: int = 0) -> list[DemoProblem]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     rng = random.Random(f"vtkit-demo:{seed}:{split}")
-    deck = _LetterDeck(rng)
+    deck = _AnswerDeck(rng)
     kinds: list[str] = []
     sizes: list[tuple[int, int]] = []
     problems = []

@@ -12,6 +12,13 @@ template with the single-prediction instruction, the prompt tokenized chunk by c
 CLIP-preprocessed (:mod:`vtkit.images`), and all 576 visual tokens, as LLaVA trains. The target
 is the assistant turn ``" <letter></s>"``; the loss covers only those answer tokens.
 
+A linear probe on the features LLaVA takes from the tower (layer -2, one per patch) learns, with
+the answer, what each patch shows: the colour and shape of the object over it, whether it holds
+an object's centre, and its grid cell (:func:`patch_labels`). This dense signal, 576 labels per
+image where the answer gives one per example, is what grows a tower that sees the scene; the
+probe is dropped when the model is saved (it is not part of LLaVA), and ``aux_weight=0`` turns
+it off.
+
 Runs are reproducible: the seed fixes the initial weights, the training problems and their
 order. The learning rate warms up, holds at its peak, then decays (cosine) to a small floor.
 The result is written with :func:`vtkit.tiny.save_tiny_checkpoints` (HF and original format),
@@ -37,7 +44,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from vtkit import __version__
 from vtkit.data import build_question_entries, question_from_entry
-from vtkit.demo import TRAINING_RECORD, DemoProblem, generate_problems, render_scene
+from vtkit.demo import (
+    CELL,
+    COLOURS,
+    GRAYSCALE_MODES,
+    GRID,
+    SCENE_SIZE,
+    SHAPES,
+    TRAINING_RECORD,
+    DemoProblem,
+    Scene,
+    generate_problems,
+    render_scene,
+    scene_to_image,
+)
 from vtkit.errors import UsageError
 from vtkit.images import (
     CLIP_MEAN,
@@ -79,6 +99,7 @@ class TrainConfig:
     weight_decay: float = 0.05     # on matrices only
     grad_clip: float = 1.0
     explain_fraction: float = 0.0  # share of each batch trained in the explained format
+    aux_weight: float = 1.0        # weight of the patch-probe loss (0: answer loss alone)
     n_train: int | None = None     # None: new problems for every batch; N: cycle through the
                                    # first N problems of the demo's train split
     n_val: int = 512               # validation problems (teacher-forced accuracy during training)
@@ -126,6 +147,8 @@ def check_config(config: TrainConfig) -> None:
     for flag, ok in checks.items():
         if not ok:
             raise UsageError(f"{flag} must be positive")
+    if config.aux_weight < 0:
+        raise UsageError("--aux-weight must be >= 0")
     for name in ("hold_fraction", "explain_fraction"):
         if not 0 <= getattr(config, name) <= 1:
             raise UsageError(f"{name} must be between 0 and 1")
@@ -188,6 +211,62 @@ def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
+#: The per-patch label channels of :func:`patch_labels` and their number of classes.
+PATCH_CHANNELS = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "centre": 2,
+                  "cell": 1 + GRID * GRID}
+IGNORE = -100
+
+
+def patch_labels(scene: Scene, size: tuple[int, int], mode: str, image_size: int = 336,
+                 patch_size: int = 14) -> np.ndarray:
+    """What each patch of the preprocessed image shows: int64 [4, patches] of
+    :data:`PATCH_CHANNELS`, patches in raster order.
+
+    Each patch is judged at its centre, mapped back through the ``pad`` preprocessing (the
+    image of ``size`` padded to a centred square, resized to ``image_size``) and
+    :func:`vtkit.demo.scene_to_image` into scene coordinates. ``colour``: 0 background, else 1 +
+    the index of the colour of the object drawn there (:data:`IGNORE` in grayscale modes);
+    ``shape``: 0 background, else 1 + the shape's index; ``centre``: 1 on the patch that holds
+    an object's centre; ``cell``: the 3 x 3 grid cell (0-8), 9 outside the scene (padding).
+    """
+    width, height = size
+    side, long = min(size), max(size)
+    grid = image_size // patch_size
+    centres = (np.arange(grid) + 0.5) * patch_size
+    # Preprocessed pixel -> original image pixel -> scene point.
+    to_image = long / image_size
+    xs = (centres * to_image - (long - width) // 2 - (width - side) // 2) * SCENE_SIZE / side
+    ys = (centres * to_image - (long - height) // 2 - (height - side) // 2) * SCENE_SIZE / side
+    x, y = np.meshgrid(xs, ys)            # [grid, grid]: row = y, column = x
+    inside = (x >= 0) & (x < SCENE_SIZE) & (y >= 0) & (y < SCENE_SIZE)
+    cell = np.where(inside, (np.clip(y, 0, SCENE_SIZE - 1) // CELL) * GRID
+                    + np.clip(x, 0, SCENE_SIZE - 1) // CELL, GRID * GRID)
+    colour = np.zeros((grid, grid), dtype=np.int64)
+    shape = np.zeros((grid, grid), dtype=np.int64)
+    centre = np.zeros((grid, grid), dtype=np.int64)
+    colours = list(COLOURS)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        cx, cy = obj.centre
+        half = (x1 - x0) / 2
+        if obj.shape == "circle":
+            drawn = (x - cx) ** 2 + (y - cy) ** 2 <= half ** 2
+        elif obj.shape == "square":
+            drawn = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+        else:                              # apex at the top middle, base along the bottom
+            drawn = (y >= y0) & (y < y1) & (np.abs(x - cx) <= half * (y - y0) / (y1 - y0))
+        colour[drawn] = 1 + colours.index(obj.colour)
+        shape[drawn] = 1 + SHAPES.index(obj.shape)
+        # The patch under the centre: scene -> image -> preprocessed pixel.
+        ix, iy = scene_to_image(scene, (cx, cy), size)
+        px = int(((long - width) // 2 + ix) / to_image // patch_size)
+        py = int(((long - height) // 2 + iy) / to_image // patch_size)
+        centre[min(py, grid - 1), min(px, grid - 1)] = 1
+    if mode in GRAYSCALE_MODES:
+        colour[:] = IGNORE
+    return np.stack([colour, shape, centre, cell]).reshape(4, -1).astype(np.int64)
+
+
 def answer_ids(prompt: str, prompt_ids: list[int], answer: str, tokenizer) -> list[int]:
     """Token ids of the assistant's turn ``" {answer}</s>"`` after ``prompt``.
 
@@ -210,6 +289,7 @@ class Example:
     answer: list[int]        # " <letter>" and EOS
     pixels: np.ndarray | None  # uint8 [3, size, size]
     template: str
+    labels: np.ndarray | None = None  # int64 [4, patches] (patch_labels), with pixels
 
 
 class DemoExamples(Dataset):
@@ -236,15 +316,16 @@ class DemoExamples(Dataset):
         prompt = build_prompt(question, CONV_MODE, SINGLE_PRED_PROMPT and not explain)
         ids = tokenize_prompt(prompt, self.tokenizer)
         answer = answer_ids(prompt, ids, question.answer, self.tokenizer)
-        pixels = None
+        pixels = labels = None
         if problem.scene is not None:
             cut = ids.index(IMAGE_TOKEN_INDEX)
             prefix, suffix = ids[:cut], ids[cut + 1:]
             image = render_scene(problem.scene, problem.size, problem.mode)
             pixels = clip_uint8(image, self.image_size)
+            labels = patch_labels(problem.scene, problem.size, problem.mode, self.image_size)
         else:
-            prefix, suffix = ids, []
-        return Example(prefix, suffix, answer, pixels, problem.template)
+            prefix, suffix, labels = ids, [], None
+        return Example(prefix, suffix, answer, pixels, problem.template, labels)
 
 
 @dataclass
@@ -258,12 +339,13 @@ class Batch:
     positions: torch.Tensor     # [B, T]
     targets: torch.Tensor       # [B, T]
     templates: list[str]
+    labels: torch.Tensor | None = None  # int64 [images, 4, patches] (patch_labels)
 
     def pin_memory(self) -> Batch:
         """Page-locked copies (DataLoader calls this with ``pin_memory=True``)."""
         pixels = None if self.pixels is None else self.pixels.pin_memory()
         return Batch(self.input_ids.pin_memory(), pixels, self.positions, self.targets,
-                     self.templates)
+                     self.templates, self.labels)
 
 
 def collate(examples: Sequence[Example], *, image_token_id: int, pad_token_id: int,
@@ -292,7 +374,12 @@ def collate(examples: Sequence[Example], *, image_token_id: int, pad_token_id: i
     images = [ex.pixels for ex in examples if ex.pixels is not None]
     # numpy stacks uint8 images many times faster than torch.stack does on the CPU.
     pixels = torch.from_numpy(np.stack(images)) if images else None
-    return Batch(input_ids, pixels, position_ids, target_ids, [ex.template for ex in examples])
+    labels = None
+    if images and all(ex.labels is not None for ex in examples if ex.pixels is not None):
+        labels = torch.from_numpy(np.stack([ex.labels for ex in examples
+                                            if ex.pixels is not None]))
+    return Batch(input_ids, pixels, position_ids, target_ids, [ex.template for ex in examples],
+                 labels)
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -345,11 +432,59 @@ def _as_is(batch: Batch) -> Batch:
     return batch
 
 
-def answer_loss(hf, batch: Batch, device: torch.device,
-                autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the answer tokens of ``batch`` (the mean per sequence, averaged) and,
-    per example, whether the first answer token (the letter, in the evaluation's format) is the
-    arg-max of its logits (bool [B])."""
+class PatchProbe(torch.nn.Module):
+    """A linear read-out of :data:`PATCH_CHANNELS` from the tower's feature layer (the one LLaVA
+    feeds its projector, CLS dropped), captured by a forward hook during the model's own
+    forward, so the tower runs once. Training-only: it is not saved with the model."""
+
+    def __init__(self, hf) -> None:
+        super().__init__()
+        config = hf.config
+        self.head = torch.nn.Linear(config.vision_config.hidden_size, sum(PATCH_CHANNELS.values()))
+        tower = hf.model.vision_tower
+        core = getattr(tower, "vision_model", tower)   # transformers < 5 nested it one deeper
+        layers = core.encoder.layers
+        layer = config.vision_feature_layer
+        index = layer if layer >= 0 else len(layers) + 1 + layer   # into hidden_states
+        self._features: torch.Tensor | None = None
+        self._hook = layers[index - 1].register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output) -> None:
+        self._features = output[0] if isinstance(output, tuple) else output
+
+    def loss(self, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean cross-entropy over the channels, and per channel the number of right and of
+        labelled patches (summed on the device)."""
+        features = self._features[:, 1:]          # CLS dropped, as LLaVA's "default" does
+        self._features = None
+        logits = self.head(features).float()      # [images, patches, classes]
+        losses, counts, start = [], {}, 0
+        for channel, (name, classes) in enumerate(PATCH_CHANNELS.items()):
+            part = logits[..., start:start + classes]
+            start += classes
+            target = labels[:, channel]
+            valid = target != IGNORE
+            labelled = valid.sum()
+            # Summed, then divided by the labelled count: a channel with no labels in a batch
+            # (colour, for grayscale images only) adds 0 instead of NaN, with no host sync.
+            losses.append(torch.nn.functional.cross_entropy(
+                part.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+                / labelled.clamp(min=1))
+            counts[name] = torch.stack([((part.argmax(-1) == target) & valid).sum(), labelled])
+        return torch.stack(losses).mean(), counts
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+def batch_losses(hf, batch: Batch, device: torch.device, autocast_dtype: torch.dtype | None,
+            probe: PatchProbe | None = None) -> tuple[dict, torch.Tensor, dict]:
+    """Losses of one batch: ``{"answer": ..., "probe": ...}`` (the probe's only with a probe),
+    whether each example's letter is the arg-max (bool [B]), and the probe's per-channel
+    counts (:meth:`PatchProbe.loss`).
+
+    The answer loss is the cross-entropy over the answer tokens, its mean per sequence,
+    averaged over the batch; the probe's is 0 for a batch without images."""
     input_ids = batch.input_ids.to(device, non_blocking=True)
     pixels = None if batch.pixels is None else normalise_pixels(
         batch.pixels.to(device, non_blocking=True))
@@ -367,21 +502,35 @@ def answer_loss(hf, batch: Batch, device: torch.device,
     # Each sequence counts once, however long its answer: a two-token letter answer weighs as
     # much as an explained one.
     mask = targets != -100
-    loss = ((token_loss.view_as(targets) * mask).sum(1) / mask.sum(1)).mean()
+    losses = {"answer": ((token_loss.view_as(targets) * mask).sum(1) / mask.sum(1)).mean()}
     letter_right = logits[:, 0].argmax(-1) == targets[:, 0]
-    return loss, letter_right
+    counts = {}
+    if probe is not None:
+        if batch.labels is not None and probe._features is not None:
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                losses["probe"], counts = probe.loss(batch.labels.to(device, non_blocking=True))
+        else:
+            probe._features = None
+            losses["probe"] = torch.zeros((), device=device)
+    return losses, letter_right, counts
 
 
 @torch.no_grad()
 def validate(hf, batches: Sequence[Batch], device: torch.device,
-             autocast_dtype: torch.dtype | None) -> dict:
-    """Teacher-forced loss and letter accuracy on held-out batches, overall and per template."""
+             autocast_dtype: torch.dtype | None, probe: PatchProbe | None = None) -> dict:
+    """Teacher-forced loss and letter accuracy on held-out batches, overall and per template,
+    and with a probe its accuracy per channel (% of labelled patches)."""
     hf.eval()
     losses, right, by_template = [], 0, defaultdict(lambda: [0, 0])
+    probe_counts = defaultdict(lambda: [0, 0])
     total = 0
     for batch in batches:
-        loss, letter_right = answer_loss(hf, batch, device, autocast_dtype)
-        losses.append(float(loss) * len(batch.templates))
+        loss, letter_right, counts = batch_losses(hf, batch, device, autocast_dtype, probe)
+        for name, (ok, n) in counts.items():
+            probe_counts[name][0] += int(ok)
+            probe_counts[name][1] += int(n)
+        losses.append(float(loss["answer"]) * len(batch.templates))
         total += len(batch.templates)
         right += int(letter_right.sum())
         for template, ok in zip(batch.templates, letter_right.tolist(), strict=True):
@@ -389,8 +538,12 @@ def validate(hf, batches: Sequence[Batch], device: torch.device,
             by_template[template][1] += 1
     hf.train()
     per_template = {k: round(100.0 * c / n, 1) for k, (c, n) in sorted(by_template.items())}
-    return {"loss": sum(losses) / total, "accuracy": 100.0 * right / total,
-            "by_template": per_template}
+    result = {"loss": sum(losses) / total, "accuracy": 100.0 * right / total,
+              "by_template": per_template}
+    if probe is not None:
+        result["probe_accuracy"] = {k: round(100.0 * c / max(n, 1), 1)
+                                    for k, (c, n) in probe_counts.items()}
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,8 +615,9 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
                            **collate_settings)
                    for j in range(0, len(val_set), config.batch_size)]
 
+    probe = PatchProbe(hf).to(device) if config.aux_weight > 0 else None
     decay, no_decay = [], []
-    for parameter in hf.parameters():
+    for parameter in [*hf.parameters(), *(probe.parameters() if probe else ())]:
         (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     optimiser = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay},
@@ -480,6 +634,7 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
     history: list[dict] = []
     # Summed on the device: reading a loss every step would wait for the GPU every step.
     recent_sum, recent_count = torch.zeros((), device=device), 0
+    recent_probe = torch.zeros((), device=device)
     train_started = time.perf_counter()
     timing_started = train_started
     step = 0
@@ -489,12 +644,16 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
             lr = learning_rate(step, config, steps)
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            loss, _ = answer_loss(hf, next(batches), device, autocast_dtype)
+            losses, _, _ = batch_losses(hf, next(batches), device, autocast_dtype, probe)
+            loss = losses["answer"]
+            if probe is not None:
+                loss = loss + config.aux_weight * losses["probe"]
+                recent_probe += losses["probe"].detach()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), config.grad_clip)
             optimiser.step()
-            recent_sum += loss.detach()
+            recent_sum += losses["answer"].detach()
             recent_count += 1
             step += 1
             task.advance()
@@ -513,19 +672,26 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
                               f"per step: {steps} steps")
                 task.describe(f"train ({steps} steps)")
             if step % config.eval_every == 0 or step == steps:
-                val = validate(hf, val_batches, device, autocast_dtype)
+                val = validate(hf, val_batches, device, autocast_dtype, probe)
                 entry = {"step": step, "lr": lr,
                          "train_loss": round(float(recent_sum) / recent_count, 4),
                          "val_loss": round(val["loss"], 4), "val_accuracy": val["accuracy"],
                          "val_by_template": val["by_template"],
                          "seconds": round(time.perf_counter() - train_started, 1)}
+                if probe is not None:
+                    entry["train_probe_loss"] = round(float(recent_probe) / recent_count, 4)
+                    entry["val_probe_accuracy"] = val["probe_accuracy"]
                 history.append(entry)
                 recent_sum, recent_count = torch.zeros((), device=device), 0
-                kinds = ", ".join(f"{k} {v:.0f}" for k, v in val["by_template"].items())
+                recent_probe = torch.zeros((), device=device)
+                kinds = ", ".join(f"{k} {v:.0f}" for k, v in
+                                  {**val["by_template"], **val.get("probe_accuracy", {})}.items())
                 reporter.info(f"step {step}: train loss {entry['train_loss']:.3f}, val loss "
                               f"{val['loss']:.3f}, val accuracy {val['accuracy']:.1f}% ({kinds})")
     train_seconds = time.perf_counter() - train_started
     del loader, batches
+    if probe is not None:
+        probe.remove()      # training-only: the saved model is plain LLaVA
 
     hf = hf.to("cpu", getattr(torch, config.save_dtype)).eval()
     output_dir = Path(config.output_dir)
@@ -541,7 +707,8 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
                                                 "' <letter></s>'",
                                  EXPLAIN_FORMAT: "no instruction, answer: lecture, solution, "
                                                  "'The answer is X.'"},
-                     "loss": "answer tokens only"},
+                     "loss": "answer tokens only, plus aux_weight x the patch probe's "
+                             "cross-entropy (colour, shape, centre, cell of each patch)"},
         "parameters": parameters,
         "steps": steps,
         "samples_seen": steps * config.batch_size,

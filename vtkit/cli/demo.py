@@ -35,6 +35,10 @@ ExplainOpt = Annotated[float, typer.Option(
     "--explain-fraction", min=0.0, max=1.0,
     help="Training: share of each batch in the explained format (QCM-LEA: lecture, solution, "
          "then the letter), the rest in the evaluation's.")]
+AuxWeightOpt = Annotated[float, typer.Option(
+    "--aux-weight", min=0.0,
+    help="Training: weight of the patch probe's loss (what each visual token shows), next to "
+         "the answer loss; 0 trains on the answer alone.")]
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=0, help="Training: data-loading processes (default: 0 on CPU, up to 14 "
                              "on CUDA).")]
@@ -45,7 +49,7 @@ def demo(output: DemoOutputOpt = Path("demo"), seed: SeedOpt = 0,
          steps: StepsOpt = 6000, batch_size: BatchSizeOpt = None, lr: LrOpt = 1e-3,
          n_train: TrainSizeOpt = None, n_eval: EvalSizeOpt = 1000,
          time_budget: TimeBudgetOpt = None, explain_fraction: ExplainOpt = 0.0,
-         workers: WorkersOpt = None,
+         aux_weight: AuxWeightOpt = 1.0, workers: WorkersOpt = None,
          json_output: JsonOpt = False) -> None:
     """Write the demo: DIR/scienceqa (synthetic ScienceQA in the real layout) and the demo model,
     a tiny LLaVA trained on that task, as DIR/llava-tiny-hf (HF format, with its training.json)
@@ -65,7 +69,8 @@ def demo(output: DemoOutputOpt = Path("demo"), seed: SeedOpt = 0,
 
         config = TrainConfig(output_dir=output, seed=seed, steps=steps, lr=lr, n_train=n_train,
                              n_eval=n_eval, device=device, time_budget=time_budget,
-                             explain_fraction=explain_fraction, workers=workers,
+                             explain_fraction=explain_fraction, aux_weight=aux_weight,
+                             workers=workers,
                              command=shlex.join(["vtkit", *sys.argv[1:]]))
         if batch_size is not None:
             config.batch_size = batch_size
