@@ -29,6 +29,7 @@ from vtkit.sweep import (
     SweepConfig,
     _AttentionCapture,
     _prepare_items,
+    clean_answer,
     decode,
     prefill,
     sweep,
@@ -263,3 +264,13 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tiny_models, demo_sc
             assert np.array_equal(a[name][:], b[name][:]), name
     assert (reference / "answers" / "k20.jsonl").read_text() == \
         (out / "answers" / "k20.jsonl").read_text()
+
+
+def test_an_answer_with_nul_is_stored_and_read_back(tmp_path):
+    # A barely trained model can decode the byte token <0x00>; HDF5 strings cannot hold NUL.
+    from vtkit.cache import write_h5_atomic
+    answers = [clean_answer(" A\x00B \n"), clean_answer("C")]
+    assert answers == ["A\ufffdB", "C"]
+    write_h5_atomic(tmp_path / "a.h5", {"answers": answers}, {})
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert [t.decode() for t in f["answers"][:]] == answers

@@ -323,8 +323,16 @@ def decode(model, items: list[_Item], state: Prefill, config: SweepConfig,
     for row in torch.stack(steps, dim=1).tolist():
         if eos in row:
             row = row[:row.index(eos)]
-        answers.append(model.tokenizer.decode(row, skip_special_tokens=True).strip())
+        answers.append(clean_answer(model.tokenizer.decode(row, skip_special_tokens=True)))
     return answers
+
+
+def clean_answer(text: str) -> str:
+    """A decoded answer as stored: stripped, as the original evaluation strips it, and with any
+    NUL (a byte-fallback token ``<0x00>``, which a barely trained model can emit) replaced by
+    U+FFFD, since HDF5 strings cannot hold NUL. No answer that parses contains one, so scoring
+    is unchanged."""
+    return text.strip().replace("\x00", "\ufffd")
 
 
 def run_batch(model, items: list[_Item], visual: list[torch.Tensor] | None, config: SweepConfig,
