@@ -322,7 +322,10 @@ _TEXT_TOPICS = {
     "community": ("social science", "Order and sequence", "Find a place in a line"),
     "shapes": ("natural science", "Identify shapes", "Name a shape from its corners"),
 }
-_TEXT_KINDS = ("count_story", "owner_colour", "line_order", "shape_corners")
+#: Text-only kinds and what their options are drawn from (in line_order: the three people of
+#: the hint, one per ordinal).
+_TEXT_KINDS = {"count_story": _STORY_COUNTS, "owner_colour": _COLOUR_NAMES,
+               "line_order": _ORDINALS, "shape_corners": SHAPES}
 
 
 def _text_draft(kind: str, index: int, rng: random.Random) -> _TextDraft:
@@ -350,14 +353,10 @@ def _text_draft(kind: str, index: int, rng: random.Random) -> _TextDraft:
                       f"A {shape} has {_CORNERS[shape]}.")
 
 
-_TEXT_OPTIONS = {"count_story": len(_STORY_COUNTS), "owner_colour": len(_COLOUR_NAMES),
-                 "line_order": len(_ORDINALS), "shape_corners": len(SHAPES)}
-
-
 def _text_problem(rng: random.Random, deck: _AnswerDeck) -> tuple[str, dict]:
     """A problem without an image, answered from its hint (or from the question alone)."""
-    kind = rng.choice(_TEXT_KINDS)
-    draft = _text_draft(kind, deck.deal(kind, _TEXT_OPTIONS[kind]), rng)
+    kind = rng.choice(list(_TEXT_KINDS))
+    draft = _text_draft(kind, deck.deal(kind, len(_TEXT_KINDS[kind])), rng)
     subject, category, skill = _TEXT_TOPICS[draft.topic]
     answer = draft.options[draft.answer]
     record = _record(

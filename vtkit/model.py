@@ -426,6 +426,24 @@ def _lora_base_hint(lora_dir: Path) -> str:
 # The interface the rest of vtkit sees
 
 
+def clip_layers(hf) -> tuple[nn.Module, list[nn.Module]]:
+    """The CLIP vision model of a transformers LLaVA (embeddings, pre-layernorm, encoder) and
+    its encoder layers."""
+    tower = hf.model.vision_tower
+    core = getattr(tower, "vision_model", tower)  # transformers < 5 nested it one deeper
+    return core, list(core.encoder.layers)
+
+
+def feature_layer_index(layer: int, num_layers: int) -> int:
+    """Index into CLIP's hidden_states of ``vision_feature_layer`` = ``layer`` (0 = embeddings,
+    i = output of encoder layer i-1)."""
+    index = layer if layer >= 0 else num_layers + 1 + layer
+    if not 1 <= index <= num_layers:
+        raise DataError(f"vision_feature_layer {layer} selects no encoder layer of a "
+                        f"{num_layers}-layer CLIP")
+    return index
+
+
 class LlavaModel:
     """A loaded LLaVA model: tokenizer, vision features, projector, embeddings, decoder, head.
 
@@ -516,20 +534,6 @@ class LlavaModel:
         except TypeError:
             return 0
 
-    def _clip_layers(self) -> tuple[nn.Module, list[nn.Module]]:
-        tower = self.vision_tower
-        core = getattr(tower, "vision_model", tower)  # transformers < 5 nested it one deeper
-        return core, list(core.encoder.layers)
-
-    def _feature_layer_index(self, num_layers: int) -> int:
-        """Index into CLIP's hidden_states (0 = embeddings, i = output of layer i-1)."""
-        layer = self.vision_feature_layer
-        index = layer if layer >= 0 else num_layers + 1 + layer
-        if not 1 <= index <= num_layers:
-            raise DataError(f"vision_feature_layer {layer} selects no encoder layer of a "
-                            f"{num_layers}-layer CLIP")
-        return index
-
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP features and [CLS] attention for a batch of preprocessed images.
@@ -543,8 +547,8 @@ class LlavaModel:
         CLS, then the CLS column dropped (a row sums to 1 minus CLS's attention to itself).
         Layers after the feature layer are not run.
         """
-        core, layers = self._clip_layers()
-        index = self._feature_layer_index(len(layers))
+        core, layers = clip_layers(self.hf)
+        index = feature_layer_index(self.vision_feature_layer, len(layers))
         hidden = core.embeddings(pixel_values.to(self.device, self.dtype))
         hidden = core.pre_layrnorm(hidden)
         for layer in layers[:index - 1]:

@@ -438,14 +438,13 @@ class PatchProbe(torch.nn.Module):
     forward, so the tower runs once. Training-only: it is not saved with the model."""
 
     def __init__(self, hf) -> None:
+        from vtkit.model import clip_layers, feature_layer_index
+
         super().__init__()
         config = hf.config
         self.head = torch.nn.Linear(config.vision_config.hidden_size, sum(PATCH_CHANNELS.values()))
-        tower = hf.model.vision_tower
-        core = getattr(tower, "vision_model", tower)   # transformers < 5 nested it one deeper
-        layers = core.encoder.layers
-        layer = config.vision_feature_layer
-        index = layer if layer >= 0 else len(layers) + 1 + layer   # into hidden_states
+        _, layers = clip_layers(hf)
+        index = feature_layer_index(config.vision_feature_layer, len(layers))
         self._features: torch.Tensor | None = None
         self._hook = layers[index - 1].register_forward_hook(self._capture)
 
