@@ -1,30 +1,27 @@
-"""Shared fixtures: the real ScienceQA files and tokenizer from ../shared, the tiny checkpoints
-and the demo ScienceQA folder (each built once per test session)."""
+"""Shared fixtures: the real reference data in tests/data (ScienceQA question file and splits,
+the Llama-2 tokenizer, prompt/id vectors; tests/data/README.md gives their sources), the tiny
+checkpoints and the demo ScienceQA folder (each built once per test session)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VTKIT_SHARED_DIR", ROOT.parent / "shared"))
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The shared reference data (real ScienceQA questions, Llama-2 tokenizer, vectors)."""
-    if not (SHARED / "data").is_dir():
-        pytest.fail(f"shared reference data not found at {SHARED} (set VTKIT_SHARED_DIR)")
-    return SHARED
+def reference_data() -> Path:
+    """tests/data: real ScienceQA questions and splits, the Llama-2 tokenizer, prompt vectors."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def llama2_tokenizer(shared_dir):
+def llama2_tokenizer(reference_data):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(shared_dir / "data" / "tokenizer" / "llama2")
+    return AutoTokenizer.from_pretrained(reference_data / "tokenizer" / "llama2")
 
 
 @pytest.fixture(scope="session")

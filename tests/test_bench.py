@@ -17,8 +17,8 @@ from vtkit.data import load_question_file
 from vtkit.prompts import build_prompt, tokenize_prompt
 
 
-def test_length_table_is_derived_from_the_real_test_questions(shared_dir, llama2_tokenizer):
-    questions = load_question_file(shared_dir / "data/scienceqa/llava_test_CQM-A.json")
+def test_length_table_is_derived_from_the_real_test_questions(reference_data, llama2_tokenizer):
+    questions = load_question_file(reference_data / "scienceqa/llava_test_CQM-A.json")
     lengths = [len(tokenize_prompt(build_prompt(q, "vicuna_v1", True), llama2_tokenizer)) - 1
                for q in questions if q.has_image]
     assert lengths == length_table()

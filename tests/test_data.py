@@ -72,8 +72,8 @@ def invoke(*args: str):
 
 # ----------------------------------------------------------------------------- real file
 
-def test_cqma_round_trip_over_all_real_questions(shared_dir, tmp_path):
-    real = shared_dir / "data" / "scienceqa" / "llava_test_CQM-A.json"
+def test_cqma_round_trip_over_all_real_questions(reference_data, tmp_path):
+    real = reference_data / "scienceqa" / "llava_test_CQM-A.json"
     entries = json.loads(real.read_text())
     assert len(entries) == 4241
     problems = problems_from_cqma(entries)
@@ -83,8 +83,8 @@ def test_cqma_round_trip_over_all_real_questions(shared_dir, tmp_path):
     assert write_question_file(rebuilt, tmp_path / "x.json").read_bytes() == real.read_bytes()
 
 
-def test_real_test_split_statistics(shared_dir):
-    base = shared_dir / "data" / "scienceqa"
+def test_real_test_split_statistics(reference_data):
+    base = reference_data / "scienceqa"
     problems, pids = scoring_problems(base, "test")
     assert len(pids) == 4241
     assert sum(1 for pid in pids if problems[pid]["image"]) == 2017
@@ -93,8 +93,8 @@ def test_real_test_split_statistics(shared_dir):
     assert [letters.count(i) for i in range(5)] == [1700, 1689, 583, 261, 8]
 
 
-def test_multiline_choices_are_recovered(shared_dir):
-    questions = load_question_file(shared_dir / "data" / "scienceqa" / "llava_test_CQM-A.json")
+def test_multiline_choices_are_recovered(reference_data):
+    questions = load_question_file(reference_data / "scienceqa" / "llava_test_CQM-A.json")
     by_id = {q.question_id: q for q in questions}
     problem = problems_from_cqma([by_id["512"]])["512"]
     assert problem["choices"] == ["See you soon,\nJanet", "See You Soon,\nJanet"]

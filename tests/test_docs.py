@@ -49,3 +49,26 @@ def test_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_the_repository_reads_nothing_outside_itself():
+    """A clone alone in an empty folder must pass its tests: no code, test or chore points at a
+    folder beside the checkout or at an environment variable that would."""
+    outside = ("../shared", "VTKIT_SHARED_DIR", "parents[2]")
+    offenders = []
+    for path in [*ROOT.glob("vtkit/**/*.py"), *ROOT.glob("tests/*.py"), ROOT / "Makefile",
+                 ROOT / ".ci" / "run"]:
+        if path.name == "test_docs.py":
+            continue
+        text = path.read_text()
+        offenders += [f"{path.relative_to(ROOT)}: {token}" for token in outside if token in text]
+    assert not offenders, offenders
+
+
+def test_reference_data_is_documented():
+    data = ROOT / "tests" / "data"
+    readme = (data / "README.md").read_text()
+    for path in data.rglob("*"):
+        if path.is_file() and path.name != "README.md":
+            assert f"`{path.relative_to(data).as_posix()}`" in readme or path.name in readme, \
+                f"tests/data/README.md does not give the source of {path.relative_to(data)}"

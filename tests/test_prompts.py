@@ -29,14 +29,14 @@ LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence a
 
 
 @pytest.fixture(scope="module")
-def vectors(shared_dir) -> list[dict]:
-    lines = (shared_dir / "data" / "vectors" / "prompts_vicuna_v1.jsonl").read_text()
+def vectors(reference_data) -> list[dict]:
+    lines = (reference_data / "vectors" / "prompts_vicuna_v1.jsonl").read_text()
     return [json.loads(line) for line in lines.splitlines()]
 
 
 @pytest.fixture(scope="module")
-def real_questions(shared_dir) -> dict[str, Question]:
-    path = shared_dir / "data" / "scienceqa" / "llava_test_CQM-A.json"
+def real_questions(reference_data) -> dict[str, Question]:
+    path = reference_data / "scienceqa" / "llava_test_CQM-A.json"
     return {q.question_id: q for q in load_question_file(path)}
 
 
@@ -106,16 +106,16 @@ def test_records_keep_question_order(llama2_tokenizer):
 
 # ----------------------------------------------------------------------------- CLI
 
-def test_cli_prompts_reproduces_the_vectors(vectors, real_questions, shared_dir, tmp_path):
+def test_cli_prompts_reproduces_the_vectors(vectors, real_questions, reference_data, tmp_path):
     wanted = {v["question_id"] for v in vectors}
     entries = [e for e in json.loads(
-        (shared_dir / "data/scienceqa/llava_test_CQM-A.json").read_text()) if e["id"] in wanted]
+        (reference_data / "scienceqa/llava_test_CQM-A.json").read_text()) if e["id"] in wanted]
     question_file = write_question_file(entries, tmp_path / "q.json")
     output = tmp_path / "prompts.jsonl"
     # --tokenizer falls back to --model-path.
     result = runner.invoke(app, [
         "prompts", "--question-file", str(question_file), "--output", str(output),
-        "--model-path", str(shared_dir / "data/tokenizer/llama2")])
+        "--model-path", str(reference_data / "tokenizer/llama2")])
     assert result.exit_code == 0, result.stderr
     records = {r["question_id"]: r for r in map(json.loads, output.read_text().splitlines())}
     assert len(records) == 24
@@ -126,7 +126,7 @@ def test_cli_prompts_reproduces_the_vectors(vectors, real_questions, shared_dir,
         assert record["input_ids"] == vector["input_ids"]
 
 
-def test_cli_prompts_seed_setting_llava_v1_qcm_lea(shared_dir, tmp_path):
+def test_cli_prompts_seed_setting_llava_v1_qcm_lea(reference_data, tmp_path):
     problem = {"question": "Which?", "choices": ["x", "y"], "answer": 0, "hint": "",
                "image": "image.png", "lecture": "L.", "solution": "S."}
     question_file = write_question_file(
@@ -134,7 +134,7 @@ def test_cli_prompts_seed_setting_llava_v1_qcm_lea(shared_dir, tmp_path):
     output = tmp_path / "p.jsonl"
     result = runner.invoke(app, [
         "prompts", "--question-file", str(question_file), "--output", str(output),
-        "--tokenizer", str(shared_dir / "data/tokenizer/llama2"), "--conv-mode", "llava_v1",
+        "--tokenizer", str(reference_data / "tokenizer/llama2"), "--conv-mode", "llava_v1",
         "--no-single-pred-prompt"])
     assert result.exit_code == 0, result.stderr
     record = json.loads(output.read_text())
@@ -150,9 +150,9 @@ def test_cli_prompts_unknown_conv_mode(tmp_path):
     assert "error: unknown --conv-mode 'chatml'; known: vicuna_v1, v1, llava_v1" in result.stderr
 
 
-def test_cli_prompts_bad_tokenizer(shared_dir, tmp_path):
+def test_cli_prompts_bad_tokenizer(reference_data, tmp_path):
     result = runner.invoke(app, [
-        "prompts", "--question-file", str(shared_dir / "data/scienceqa/llava_test_CQM-A.json"),
+        "prompts", "--question-file", str(reference_data / "scienceqa/llava_test_CQM-A.json"),
         "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "none"),
         "--num-samples", "1"])
     assert result.exit_code == 1

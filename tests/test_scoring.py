@@ -213,9 +213,9 @@ def test_cli_score_errors(tmp_path):
     assert result.exit_code == 1 and "line 1" in result.stderr
 
 
-def test_cli_score_real_questions_without_problems_json(shared_dir, tmp_path):
+def test_cli_score_real_questions_without_problems_json(reference_data, tmp_path):
     """Always answering "A" on the real test split: 1700 of 4241 (SPEC: 40.1%)."""
-    base = shared_dir / "data" / "scienceqa"
+    base = reference_data / "scienceqa"
     entries = json.loads((base / "llava_test_CQM-A.json").read_text())
     answers = _answers_file(tmp_path, [
         {"question_id": e["id"], "text": "A",
