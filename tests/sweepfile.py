@@ -32,10 +32,12 @@ def write_sweep(
     model_id: str = "llava-tiny-hf",
     random_init: bool = False,
     seed: int = 0,
+    config: dict | None = None,
 ) -> Path:
     """Write ``output_dir/sweep.h5``; the first ``n_image`` questions have an image.
 
-    ``correct`` ([n_k, n_questions] bool) defaults to accuracy falling as k falls.
+    ``correct`` ([n_k, n_questions] bool) defaults to accuracy falling as k falls; ``config``
+    adds to the stored config (e.g. conv_mode, temperature).
     """
     rng = np.random.default_rng(seed)
     output_dir = Path(output_dir)
@@ -49,7 +51,8 @@ def write_sweep(
     has_image = np.arange(n_questions) < n_image
     question_ids = [f"q{i:04d}" for i in range(n_questions)]
     answers = np.where(correct, "A", "B").astype(object)
-    config = {"token_counts": list(token_counts), "scorer": scorer, "model_path": model_id}
+    config = {"token_counts": list(token_counts), "scorer": scorer, "model_path": model_id,
+              **(config or {})}
     with h5py.File(path, "w") as f:
         f.attrs["vtkit_version"] = __version__
         f.attrs["schema_version"] = 1

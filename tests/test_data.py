@@ -173,6 +173,68 @@ def test_load_question_file_names_the_bad_entry(tmp_path):
         load_question_file(path)
 
 
+def test_load_question_file_lists_every_malformed_entry(tmp_path):
+    good = {"id": "1", "image": "1/image.png",
+            "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "A"}]}
+    bad = [
+        ["not", "an", "object"],
+        {"conversations": good["conversations"]},
+        {"id": ["a"], "conversations": good["conversations"]},
+        {"id": "c", "conversations": "text"},
+        {"id": "d", "conversations": [{"from": "human", "value": 3}]},
+        {"id": "e", "conversations": [{"from": "human", "value": "x"}, "A"]},
+        {"id": 7, "conversations": [{"value": "x"}]},
+        {"id": "g", "image": 5, "conversations": good["conversations"]},
+    ]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([good, *bad, {**good, "id": 2}]))
+    with pytest.raises(DataError) as error:
+        load_question_file(path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"question file {path}: 8 malformed")
+    for expected in ("entry 1: not a JSON object", "entry 2: no 'id'",
+                     "entry 3 (id ['a']): 'id' must be", "entry 4 (id c): 'conversations'",
+                     "entry 5 (id d): each turn", "entry 6 (id e): each turn",
+                     "entry 7 (id 7): each turn", "entry 8 (id g): 'image' must be"):
+        assert expected in message
+    assert "entry 0" not in message and "entry 9" not in message
+    # Integer ids are read as strings, as before.
+    path.write_text(json.dumps([{**good, "id": 2}]))
+    assert load_question_file(path)[0] == Question("2", "x", "1/image.png", "A")
+
+
+@pytest.mark.parametrize("check_images", [True, False])
+def test_image_paths_that_leave_the_image_folder_are_refused(sqa, tmp_path, check_images):
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    (sqa / "images/test/9").mkdir()
+    (sqa / "images/test/9/image.png").symlink_to(secret)
+    entries = build_question_entries(PROBLEMS, ["1", "2", "3", "4"])
+    entries[0]["image"] = str(secret)
+    entries[2]["image"] = "3/../../../../secret.png"
+    entries[3]["image"] = "9/image.png"
+    question_file = write_question_file(entries, tmp_path / "q.json")
+    with pytest.raises(DataError) as error:
+        select_questions(sqa, question_file=question_file, check_images=check_images)
+    message = str(error.value)
+    offenders = f"1 ({secret}), 3 (3/../../../../secret.png)"
+    if check_images:
+        # The symlink is seen only where the image folder is looked at.
+        assert f"3 image paths outside {sqa / 'images/test'}: {offenders}, 4 (9/image.png)" \
+            in message
+    else:
+        assert f"2 image paths outside the image folder: {offenders}" in message
+    assert "missing" not in message and "\n" not in message
+
+
+def test_a_symlink_inside_the_image_folder_is_fine(sqa):
+    (sqa / "images/test/1/alias.png").symlink_to(sqa / "images/test/1/image.png")
+    entries = build_question_entries(PROBLEMS, ["1"])
+    entries[0]["image"] = "1/alias.png"
+    write_question_file(entries, sqa / "llava_test_CQM-A.json")
+    assert select_questions(sqa).questions[0].image == "1/alias.png"
+
+
 # ----------------------------------------------------------------------------- selecting
 
 def test_select_builds_from_problems_when_no_question_file(sqa):
@@ -303,3 +365,14 @@ def test_cli_bad_image_stops_extract_before_any_model_work(sqa, tmp_path, damage
     assert result.exit_code == 1
     expected = "images missing under" if damage == "missing" else "images not decodable"
     assert expected in result.stderr and "3/image.png" in result.stderr
+
+
+def test_cli_escaping_image_path_stops_extract_with_the_question_id(sqa, tmp_path):
+    entries = build_question_entries(PROBLEMS, ["1", "2", "3"])
+    entries[2]["image"] = "../../problems.json"
+    write_question_file(entries, sqa / "llava_test_CQM-A.json")
+    result = invoke("extract", "--base-dir", str(sqa), "--model-path", str(tmp_path / "none"),
+                    "--output-dir", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1
+    assert "1 image paths outside" in result.stderr and "3 (../../problems.json)" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
+import h5py
 import numpy as np
 import pytest
 from sweepfile import TOKEN_COUNTS, write_sweep
@@ -204,3 +205,42 @@ def test_cli_plot_help():
     assert result.exit_code == 0
     assert "--compare" in result.stdout and "--output-dir" in result.stdout
     assert "vtkit plot" in result.stdout
+
+
+SETTINGS = {"conv_mode": "vicuna_v1", "single_pred_prompt": True, "question_file": None,
+            "split": "test", "temperature": 0.0}
+
+
+def test_compare_warns_once_for_each_difference(tmp_path):
+    run = _ranked_run(tmp_path / "run", config=SETTINGS)
+    other = tmp_path / "other"
+    write_sweep(other, n_questions=8, model_id="llava-v1.5-7b", scorer="random",
+                config={**SETTINGS, "conv_mode": "llava_v1", "temperature": 0.2})
+    reporter = RecordingReporter()
+    make_plots(PlotConfig(run, compare=[other], bootstrap_samples=10), reporter)
+    warnings = [text for kind, text in reporter.messages if kind == "warn" and "differ" in text]
+    assert len(warnings) == 4
+    for warning, what in zip(warnings, ("questions", "template", "temperature", "model"),
+                             strict=True):
+        assert f"differ in {what}:" in warning and str(run) in warning and str(other) in warning
+    assert "10 questions" in warnings[0] and "8 questions" in warnings[0]
+    assert "llava_v1" in warnings[1] and "temperature 0.2" in warnings[2]
+
+
+def test_compare_is_quiet_when_only_the_scorer_differs(tmp_path):
+    from vtkit.plot import _run_settings, compare_differences
+
+    runs = [tmp_path / "l2", tmp_path / "random"]
+    write_sweep(runs[0], config=SETTINGS)
+    write_sweep(runs[1], scorer="random", seed=1, config=SETTINGS)
+    assert compare_differences([(d, _run_settings(d)) for d in runs]) == []
+    # Same count, other ids; and another question file.
+    write_sweep(runs[1], config={**SETTINGS, "question_file": "x/llava_test_QCM-LEA.json"})
+    with h5py.File(runs[1] / "sweep.h5", "a") as f:
+        del f["question_ids"]
+        f.create_dataset("question_ids", data=[f"p{i}" for i in range(10)],
+                         dtype=h5py.string_dtype())
+    messages = compare_differences([(d, _run_settings(d)) for d in runs])
+    assert [m.split(":")[0] for m in messages] == ["the compared runs differ in questions",
+                                                   "the compared runs differ in template"]
+    assert "QCM-LEA" in messages[1] and "llava_test_CQM-A.json" in messages[1]

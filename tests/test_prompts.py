@@ -147,7 +147,8 @@ def test_cli_prompts_unknown_conv_mode(tmp_path):
     result = runner.invoke(app, ["prompts", "--question-file", str(tmp_path / "q.json"),
                                  "--output", str(tmp_path / "o"), "--conv-mode", "chatml"])
     assert result.exit_code == 2
-    assert "error: unknown --conv-mode 'chatml'; known: vicuna_v1, v1, llava_v1" in result.stderr
+    assert result.stderr.startswith("error: Invalid value for '--conv-mode'")
+    assert "'chatml' is not one of 'vicuna_v1', 'v1', 'llava_v1'" in result.stderr
 
 
 def test_cli_prompts_bad_tokenizer(reference_data, tmp_path):

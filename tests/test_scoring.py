@@ -234,3 +234,32 @@ def test_cli_score_help():
     for text in ("ANSWERS", "--base-dir", "--split", "--json", "--output-file",
                  "--output-result", "Example"):
         assert text in result.stdout
+
+
+def test_cli_score_result_file_is_the_answers_argument(tmp_path):
+    """--result-file (eval_science_qa.py's flag) scores like ANSWERS; exactly one of them."""
+    base, answers = _base_dir(tmp_path), _answers_file(tmp_path)
+    result = runner.invoke(app, ["score", "--result-file", str(answers), "--base-dir", str(base)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "Total: 9, Correct: 5, Accuracy: 55.56%, IMG-Accuracy: 50.00%\n"
+    for args in ([], [str(answers), "--result-file", str(answers)]):
+        result = runner.invoke(app, ["score", *args, "--base-dir", str(base)])
+        assert result.exit_code == 2
+        assert result.stderr.count("\n") == 1 and "--result-file" in result.stderr
+
+
+def test_cli_score_warns_about_answers_outside_the_split(tmp_path):
+    base = _base_dir(tmp_path)
+    extra = [{"question_id": f"x{i}", "prompt": "q", "text": "A"} for i in range(7)]
+    answers = _answers_file(tmp_path, ANSWERS + extra)
+    result = runner.invoke(app, ["score", str(answers), "--base-dir", str(base)])
+    assert result.exit_code == 0, result.stderr
+    # The score itself is eval_science_qa.py's: the unknown answers change nothing.
+    assert result.stdout == "Total: 9, Correct: 5, Accuracy: 55.56%, IMG-Accuracy: 50.00%\n"
+    warning = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warning) == 1
+    assert "8 answers not scored" in warning[0] and "'test'" in warning[0]
+    assert "99, x0, x1, x2, x3 (and 3 more)" in warning[0]
+    quiet = runner.invoke(app, ["score", str(_answers_file(tmp_path, ANSWERS[:-1])),
+                                "--base-dir", str(base)])
+    assert "warning" not in quiet.stderr

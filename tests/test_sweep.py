@@ -274,3 +274,16 @@ def test_an_answer_with_nul_is_stored_and_read_back(tmp_path):
     write_h5_atomic(tmp_path / "a.h5", {"answers": answers}, {})
     with h5py.File(tmp_path / "a.h5") as f:
         assert [t.decode() for t in f["answers"][:]] == answers
+
+
+def test_the_progress_label_says_the_grid_is_done(tiny_models, demo_scienceqa, model,
+                                                  features_dir, tmp_path):
+    """The bar's last label names the whole grid, not the last batch's k range."""
+    from vtkit.progress import RecordingReporter
+
+    reporter = RecordingReporter()
+    out = _fresh(features_dir, tmp_path, "label")
+    sweep(_config(tiny_models, demo_scienceqa, out, tokens=[576, 20], max_new_tokens=2),
+          reporter, model=model)
+    assert any(label.startswith("sweep k=") for label in reporter.labels)
+    assert reporter.labels[-1] == "sweep (2 k values)"

@@ -99,32 +99,57 @@ def load_splits(path: Path | str) -> dict[str, list[str]]:
     return splits
 
 
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with the types of one question-file entry, or None if nothing is."""
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    if "id" not in entry:
+        return "no 'id'"
+    if isinstance(entry["id"], bool) or not isinstance(entry["id"], str | int):
+        return "'id' must be a string or an integer"
+    turns = entry.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "'conversations' must be a non-empty list of turns"
+    if not all(isinstance(turn, dict) and isinstance(turn.get("from"), str)
+               and isinstance(turn.get("value"), str) for turn in turns):
+        return "each turn of 'conversations' must be an object with string 'from' and 'value'"
+    if entry.get("image") is not None and not isinstance(entry["image"], str):
+        return "'image' must be a string path"
+    return None
+
+
+def _describe_entry(entry: Any, problem: str) -> str:
+    if isinstance(entry, dict) and "id" in entry:
+        return f" (id {entry['id']}): {problem}"
+    return f": {problem}"
+
+
 def question_from_entry(entry: Any, where: str) -> Question:
     """Turn one question-file entry into a :class:`Question`; DataError naming ``where`` if bad."""
-    if not isinstance(entry, dict):
-        raise DataError(f"{where}: entry is not a JSON object")
-    if "id" not in entry:
-        raise DataError(f"{where}: entry has no 'id'")
-    question_id = str(entry["id"])
-    turns = entry.get("conversations")
-    if (not isinstance(turns, list) or not turns or not isinstance(turns[0], dict)
-            or not isinstance(turns[0].get("value"), str)):
-        raise DataError(f"{where} (id {question_id}): 'conversations' must start with a "
-                        "human turn that has a string 'value'")
-    answer = None
-    if len(turns) > 1 and isinstance(turns[1], dict) and isinstance(turns[1].get("value"), str):
-        answer = turns[1]["value"]
-    image = entry.get("image")
-    if image is not None and not isinstance(image, str):
-        raise DataError(f"{where} (id {question_id}): 'image' must be a string path")
-    return Question(question_id=question_id, text=turns[0]["value"], image=image, answer=answer)
+    problem = _entry_problem(entry)
+    if problem is not None:
+        raise DataError(f"{where}{_describe_entry(entry, problem)}")
+    turns = entry["conversations"]
+    answer = turns[1]["value"] if len(turns) > 1 else None
+    return Question(question_id=str(entry["id"]), text=turns[0]["value"],
+                    image=entry.get("image"), answer=answer)
 
 
 def load_question_file(path: Path | str) -> list[Question]:
-    """Read a LLaVA question file (CQM-A or QCM-LEA) into Questions, in file order."""
+    """Read a LLaVA question file (CQM-A or QCM-LEA) into Questions, in file order.
+
+    Entries of the wrong shape are listed together, by index and id, in one DataError.
+    """
     entries = load_json(path, "question file")
     if not isinstance(entries, list):
         raise DataError(f"question file {path} must hold a JSON list of questions")
+    offenders = []
+    for index, entry in enumerate(entries):
+        problem = _entry_problem(entry)
+        if problem is not None:
+            offenders.append(f"entry {index}{_describe_entry(entry, problem)}")
+    if offenders:
+        raise DataError(f"question file {path}: {list_offenders('malformed entries', offenders)}")
     return [question_from_entry(entry, f"question file {path}, entry {index}")
             for index, entry in enumerate(entries)]
 
@@ -321,9 +346,10 @@ def select_questions(base_dir: Path | str, question_file: Path | str | None = No
     else ``base_dir/images/{split}``. ``num_samples``: -1 = all, else the first N.
 
     Everything is checked in one pass before returning: ids missing from problems.json (when
-    there is one), duplicate ids, image files missing or not decodable by PIL (skipped when
-    ``check_images`` is False), an empty selection. Bad inputs raise DataError (listing up to 10
-    offenders and the count); bad flag values raise UsageError.
+    there is one), duplicate ids, image paths that leave the image folder (absolute, with a
+    ``..`` part, or through a symlink), image files missing or not decodable by PIL (the files
+    are not looked at when ``check_images`` is False), an empty selection. Bad inputs raise
+    DataError (listing up to 10 offenders and the count); bad flag values raise UsageError.
     """
     check_num_samples(num_samples)
     check_question_format(question_format)
@@ -365,7 +391,7 @@ def _validate(questions: list[Question], problems: dict[str, dict] | None,
     if not questions:
         raise DataError(f"no questions selected from {source}")
     seen: set[str] = set()
-    duplicates, unknown, missing, undecodable = [], [], [], []
+    duplicates, unknown, outside, missing, undecodable = [], [], [], [], []
     with_images = [q for q in questions if q.has_image]
     if image_folder is not None and with_images and not image_folder.is_dir():
         raise DataError(f"image folder not found: {image_folder} (set --image-folder)")
@@ -376,7 +402,9 @@ def _validate(questions: list[Question], problems: dict[str, dict] | None,
         seen.add(qid)
         if problems is not None and qid not in problems:
             unknown.append(qid)
-        if image_folder is not None and question.image is not None:
+        if question.image is not None and _leaves_folder(question.image, image_folder):
+            outside.append(f"{qid} ({question.image})")
+        elif image_folder is not None and question.image is not None:
             path = image_folder / question.image
             if not path.is_file():
                 missing.append(question.image)
@@ -389,12 +417,24 @@ def _validate(questions: list[Question], problems: dict[str, dict] | None,
         parts.append(list_offenders("question ids not in problems.json", unknown))
     if duplicates:
         parts.append(list_offenders("duplicate question ids", duplicates))
+    if outside:
+        folder = image_folder if image_folder is not None else "the image folder"
+        parts.append(list_offenders(f"image paths outside {folder}", outside))
     if missing:
         parts.append(list_offenders(f"images missing under {image_folder}", missing))
     if undecodable:
         parts.append(list_offenders(f"images not decodable under {image_folder}", undecodable))
     if parts:
         raise DataError(f"{source}: " + "; ".join(parts))
+
+
+def _leaves_folder(image: str, folder: Path | None) -> bool:
+    """Whether an image path points outside ``folder``: by its spelling (absolute, or a ``..``
+    part), or, when ``folder`` is given, once symlinks are resolved."""
+    path = Path(image)
+    if path.is_absolute() or ".." in path.parts:
+        return True
+    return folder is not None and not (folder / path).resolve().is_relative_to(folder.resolve())
 
 
 def _undecodable(path: Path) -> str | None:

@@ -22,14 +22,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vtkit.defaults import IMAGE_MODES
 from vtkit.errors import DataError, UsageError
 
 #: OpenAI CLIP's normalisation constants (what LLaVA-1.5's CLIP ViT-L/14-336 processor uses).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-#: The --image-mode values.
-IMAGE_MODES = ("pad", "crop")
 
 # PIL modes holding more than 8 bits per pixel; PIL's own convert("RGB") clips them to 255.
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")

@@ -9,11 +9,13 @@ rank`), and writes to the same output dir:
 - ``pruning_experiment_results.png``/``.pdf``: the normalised series against k;
 - ``pruning_experiment_raw.png``/``.pdf``: raw accuracy with a 95% bootstrap band over questions
   and the mean ranks with their std, on twin axes;
-- ``pruning_experiment_compare.png``/``.pdf`` (with ``compare``): accuracy of several runs.
+- ``pruning_experiment_compare.png``/``.pdf`` (with ``compare``): accuracy of several runs,
+  with a warning for each way the runs differ other than the scorer (:data:`COMPARED`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,9 @@ COMPARE_FIGURE = "pruning_experiment_compare"
 DPI = 300
 #: Figure size in inches: 3000 x 1800 pixels at 300 dpi.
 FIGSIZE = (10.0, 6.0)
+
+#: What overlaid runs should share for their curves to be compared; each difference is warned.
+COMPARED = ("questions", "template", "temperature", "model")
 
 #: Series that get a min-max normalised copy, raw key -> normalised key.
 NORMALIZED_SERIES = {
@@ -175,6 +180,10 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
     # Other runs are read first, so a bad --compare dir fails before anything is written.
     others = [(Path(d), _load_run(Path(d))) for d in config.compare
               if Path(d).resolve() != output_dir.resolve()]
+    if others:
+        runs = [(output_dir, _run_settings(output_dir)), *((d, r["settings"]) for d, r in others)]
+        for message in compare_differences(runs):
+            reporter.warn(message)
 
     raw: dict[str, Any] = {
         "meta": {
@@ -237,15 +246,56 @@ def _load_run(run_dir: Path) -> dict[str, Any]:
     if raw_path.is_file():
         try:
             raw = json.loads(raw_path.read_text())
-            return {"token_counts": raw["token_counts"], "accuracies": raw["accuracies"],
-                    "meta": {"scorer": raw["meta"]["scorer"], "model": raw["meta"]["model"]}}
+            run = {"token_counts": raw["token_counts"], "accuracies": raw["accuracies"],
+                   "meta": {"scorer": raw["meta"]["scorer"], "model": raw["meta"]["model"]}}
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{raw_path} is not a vtkit raw_results.json ({error!r})") from None
+        return {**run, "settings": _run_settings(run_dir, run["meta"]["model"])}
     if not (run_dir / SWEEP_FILE).is_file():
         raise DataError(f"--compare {run_dir}: neither {RAW_RESULTS_FILE} nor {SWEEP_FILE} found")
     meta, token_counts, correct, _ = _read_correct(run_dir)
     return {"token_counts": token_counts, "accuracies": _rounded(accuracy_percent(correct)),
-            "meta": {"scorer": meta["scorer"], "model": meta["model_id"]}}
+            "meta": {"scorer": meta["scorer"], "model": meta["model_id"]},
+            "settings": _run_settings(run_dir)}
+
+
+def _run_settings(run_dir: Path, model: str | None = None) -> dict[str, str]:
+    """The :data:`COMPARED` settings of a run, as text, from its sweep.h5 (the run's config
+    and question ids). A run known only by its raw_results.json gives just its ``model``."""
+    try:
+        with open_sweep(run_dir) as handle:
+            config = json.loads(handle.attrs.get("config", "{}"))
+            ids = [s.decode() if isinstance(s, bytes) else str(s)
+                   for s in handle["question_ids"][()]]
+            model = str(handle.attrs.get("model_id", ""))
+    except (DataError, json.JSONDecodeError):
+        return {} if model is None else {"model": model}
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    # No --question-file means llava_<split>_CQM-A.json or the same text built from problems.json.
+    question_file = config.get("question_file") or f"llava_{config.get('split')}_CQM-A.json"
+    single = "on" if config.get("single_pred_prompt", True) else "off"
+    return {
+        "questions": f"{len(ids)} questions, ids sha256 {digest}",
+        "template": f"conv mode {config.get('conv_mode')}, single-pred prompt {single}, "
+                    f"question file {Path(question_file).name}",
+        "temperature": f"temperature {config.get('temperature')}",
+        "model": model,
+    }
+
+
+def compare_differences(runs: list[tuple[Path, dict[str, str]]]) -> list[str]:
+    """One warning per :data:`COMPARED` setting in which the runs differ, naming each value and
+    the runs that have it (a setting a run does not record is left out for that run)."""
+    messages = []
+    for name in COMPARED:
+        groups: dict[str, list[str]] = {}
+        for run_dir, settings in runs:
+            if name in settings:
+                groups.setdefault(settings[name], []).append(str(run_dir))
+        if len(groups) > 1:
+            messages.append(f"the compared runs differ in {name}: " + "; ".join(
+                f"{', '.join(dirs)}: {value}" for value, dirs in groups.items()))
+    return messages
 
 
 # ---------------------------------------------------------------------------------------------

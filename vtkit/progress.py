@@ -40,12 +40,28 @@ class Reporter:
         pass
 
 
+class _RecordingTask(Task):
+    def __init__(self, labels: list[str]) -> None:
+        self._labels = labels
+
+    def describe(self, description: str) -> None:
+        self._labels.append(description)
+
+
 class RecordingReporter(Reporter):
-    """Keeps every message and table; handy in tests and for saving a run's log."""
+    """Keeps every message, table and task label; handy in tests and for saving a run's log."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, str]] = []
         self.tables: list[tuple[str, list[str], list[list[Any]]]] = []
+        #: Every label the tasks showed, in order (a task's first, then each describe()).
+        self.labels: list[str] = []
+
+    @contextmanager
+    def task(self, description: str, total: int, unit: str = "items",
+             work_unit: str | None = None) -> Iterator[Task]:
+        self.labels.append(description)
+        yield _RecordingTask(self.labels)
 
     def info(self, message: str) -> None:
         self.messages.append(("info", message))

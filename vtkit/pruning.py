@@ -12,8 +12,7 @@ import math
 import numpy as np
 import torch
 
-#: Importance scorers `vtkit extract` stores and `vtkit sweep --scorer` chooses from.
-SCORERS = ("l2", "cls", "random", "uniform")
+from vtkit.defaults import SCORERS  # noqa: F401  (defined where the CLI reads it without torch)
 
 
 def l2_scores(projected: torch.Tensor) -> torch.Tensor:

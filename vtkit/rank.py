@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from vtkit import __version__
+from vtkit.defaults import DEFAULT_THRESHOLD
 from vtkit.errors import DataError
 from vtkit.progress import Reporter
 
@@ -37,8 +38,6 @@ RANKS_FILE = "ranks.json"
 SWEEP_SCHEMA_VERSION = 1
 #: The two layers whose attention outputs the sweep captures, as named in sweep.h5.
 LAYERS = ("first_layer", "last_layer")
-#: Relative cut-off for the numerical rank: above float16/bfloat16 rounding noise (docs/rank.md).
-DEFAULT_THRESHOLD = 1e-3
 #: A stored spectrum further than this (relative to the largest singular value) from the float64
 #: spectrum of its kept float16 matrix is reported as a mismatch; float16 storage of the raw matrix
 #: alone moves singular values by well under 1e-3 of the largest.

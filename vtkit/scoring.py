@@ -26,6 +26,7 @@ from typing import Any
 
 from vtkit.data import scoring_problems
 from vtkit.errors import DataError, list_offenders
+from vtkit.progress import Reporter
 
 OPTIONS = ("A", "B", "C", "D", "E")
 FAILED = "FAILED"
@@ -122,7 +123,8 @@ class ScoreReport:
     ``img_accuracy`` is NaN when no prompt had an image (the original divides by zero there).
     ``categories`` holds ScienceQA's category accuracies that the problems' fields allow
     (a category with no questions is left out); ``results`` the predicted index per question
-    (-1 = invalid), ``outputs`` the model's text.
+    (-1 = invalid), ``outputs`` the model's text; ``ignored_ids`` the predictions' question ids
+    that are not among the scored questions (not scored, as in the original).
     """
 
     total: int
@@ -137,6 +139,7 @@ class ScoreReport:
     outputs: dict[str, str] = field(default_factory=dict)
     correct_ids: list[str] = field(default_factory=list)
     judgements: list[Judgement] = field(default_factory=list)
+    ignored_ids: list[str] = field(default_factory=list)
 
     def official_line(self) -> str:
         """The line eval_science_qa.py prints."""
@@ -159,7 +162,7 @@ def score_predictions(problems: dict[str, dict], pids: Sequence[str],
     """Score ``predictions`` ({question_id: {"prompt", "text", ...}}) on the questions ``pids``.
 
     Counting is eval_science_qa.py's: every pid counts, a missing prediction is wrong and not
-    multimodal, predictions for other ids are ignored.
+    multimodal, predictions for other ids are ignored (their ids are in ``ignored_ids``).
     """
     if not pids:
         raise DataError("nothing to score: the split has no questions")
@@ -178,6 +181,7 @@ def score_predictions(problems: dict[str, dict], pids: Sequence[str],
             correct=index == problem["answer"], prompt=prediction["prompt"],
             text=prediction["text"], is_multimodal="<image>" in prediction["prompt"]))
 
+    scored = set(pids)
     total = len(judgements)
     correct = sum(j.correct for j in judgements)
     img_total = sum(j.is_multimodal for j in judgements)
@@ -191,7 +195,8 @@ def score_predictions(problems: dict[str, dict], pids: Sequence[str],
         categories=categories, category_counts=counts,
         results={j.question_id: j.prediction_index for j in judgements},
         outputs={j.question_id: j.text for j in judgements},
-        correct_ids=correct_ids, judgements=judgements)
+        correct_ids=correct_ids, judgements=judgements,
+        ignored_ids=[qid for qid in predictions if qid not in scored])
 
 
 def category_accuracies(problems: dict[str, dict], pids: Sequence[str],
@@ -251,10 +256,19 @@ def _dump(document: Any, path: Path | str) -> None:
 
 def score_answers(answers_file: Path | str, base_dir: Path | str, split: str = "test",
                   output_file: Path | str | None = None,
-                  output_result: Path | str | None = None) -> ScoreReport:
+                  output_result: Path | str | None = None,
+                  reporter: Reporter | None = None) -> ScoreReport:
     """Score a LLaVA answers file against a ScienceQA base dir, as eval_science_qa.py does,
-    and write its two result files when asked (see :func:`write_llava_results`)."""
+    and write its two result files when asked (see :func:`write_llava_results`).
+
+    Answers to questions outside the split are not scored (as in the original) but named in a
+    warning, since they usually mean the wrong split or the wrong answers file.
+    """
     problems, pids = scoring_problems(base_dir, split)
     report = score_predictions(problems, pids, load_answers(answers_file))
+    if report.ignored_ids:
+        what = f"answers not scored, their question ids are not in split {split!r}"
+        (reporter or Reporter()).warn(
+            f"{answers_file}: {list_offenders(what, report.ignored_ids, limit=5)}")
     write_llava_results(report, problems, output_file, output_result)
     return report

@@ -585,6 +585,7 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
                                   ready, model.hidden_size, kept)
                     tokens_done += n
                     task.advance(1, work=n)
+            task.describe(f"sweep ({len(config.tokens)} k values)")
             with timer.phase("drain"):
                 writer.close()
     finally:

@@ -7,10 +7,8 @@ from typing import Annotated
 
 import typer
 
-from vtkit.bench import BenchConfig, run_bench
 from vtkit.cli.options import BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt
 from vtkit.cli.output import print_json
-from vtkit.cli.progress import RichReporter
 from vtkit.cli.sweep import TokenBudgetOpt, TokensOpt, resolve_tokens
 
 ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
@@ -45,6 +43,9 @@ def bench(
 
     Example: vtkit bench --shape llava-1.5-7b --questions 256 --device cuda --dtype bfloat16
     """
+    from vtkit.bench import BenchConfig, run_bench
+    from vtkit.cli.progress import RichReporter
+
     config = BenchConfig(
         shape=shape, questions=questions,
         tokens=resolve_tokens(20, 576, 10, tokens), device=device, dtype=dtype,

@@ -22,9 +22,6 @@ from vtkit.cli.options import (
     SeedOpt,
     SplitOpt,
 )
-from vtkit.cli.progress import stage_reporter
-from vtkit.extract import ExtractConfig
-from vtkit.extract import extract as run_extract
 
 
 def extract(
@@ -51,6 +48,10 @@ def extract(
 
     Example: vtkit extract --model-path demo/llava-tiny-hf --base-dir demo/scienceqa
     """
+    from vtkit.cli.progress import stage_reporter
+    from vtkit.extract import ExtractConfig
+    from vtkit.extract import extract as run_extract
+
     config = ExtractConfig(
         model_path=model_path, model_base=model_base, base_dir=base_dir,
         question_file=question_file, image_folder=image_folder, split=split,

@@ -8,10 +8,21 @@ decoding, the single-prediction prompt on). Environment variables set the defaul
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+
+from vtkit.defaults import DEVICES, DTYPES, IMAGE_MODES, SCORERS
+from vtkit.prompts import CONV_TEMPLATES
+
+# Fixed-value options parse as Literals built from the library's own tables: --help lists the
+# values, a bad one is a usage error naming the flag, and the command gets the plain string.
+ConvMode = Literal[tuple(CONV_TEMPLATES)]
+Scorer = Literal[SCORERS]
+ImageMode = Literal[IMAGE_MODES]
+Dtype = Literal[DTYPES]
 
 DEFAULT_MODEL = "liuhaotian/llava-v1.5-7b"
 
@@ -34,9 +45,10 @@ ImageFolderOpt = Annotated[Path | None, typer.Option(
 SplitOpt = Annotated[str, typer.Option("--split", help="ScienceQA split (pid_splits.json key).")]
 OutputDirOpt = Annotated[Path, typer.Option(
     "--output-dir", envvar="OUTPUT_DIR", help="Where caches, results and figures go.")]
-ConvModeOpt = Annotated[str, typer.Option(
+ConvModeOpt = Annotated[ConvMode, typer.Option(
     "--conv-mode",
-    help="Conversation template: vicuna_v1 (official LLaVA-1.5 eval), v1, llava_v1.")]
+    help="Conversation template: vicuna_v1 (official LLaVA-1.5 eval; v1 is its alias) or "
+         "llava_v1.")]
 TemperatureOpt = Annotated[float, typer.Option(
     "--temperature", min=0.0, help="0 = greedy (official); above 0 samples, seeded by --seed.")]
 SinglePredPromptOpt = Annotated[bool, typer.Option(
@@ -45,19 +57,32 @@ SinglePredPromptOpt = Annotated[bool, typer.Option(
 NumSamplesOpt = Annotated[int, typer.Option(
     "--num-samples", help="Use the first N questions of the split (-1 = all).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for sampling and the random scorer.")]
-DtypeOpt = Annotated[str | None, typer.Option(
-    "--dtype", help="float16 | bfloat16 | float32 (default: float16 on CUDA, float32 on CPU).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
+DtypeOpt = Annotated[Dtype | None, typer.Option(
+    "--dtype", help="Weights and activations (default: float16 on CUDA, float32 on CPU).")]
+
+
+def _check_device(value: str | None) -> str | None:
+    """--device is a choice with a family (cuda:N), so it is checked here rather than typed."""
+    named = [d for d in DEVICES if d != "cuda:N"]
+    if value is None or value in named or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(repr, DEVICES))}")
+
+
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar=f"<{'|'.join(DEVICES)}>", callback=_check_device,
+    help="Where the model runs (auto: cuda if there is one, else cpu).")]
 RandomInitOpt = Annotated[bool, typer.Option(
     "--random-init", help="Random weights from config.json alone (benchmarks only; recorded in "
                           "every output).")]
 BatchSizeOpt = Annotated[int | None, typer.Option(
     "--batch-size", min=1, help="Items per forward pass (default: automatic).")]
-ImageModeOpt = Annotated[str, typer.Option(
+ImageModeOpt = Annotated[ImageMode | None, typer.Option(
     "--image-mode", help="pad (LLaVA-1.5 code: pad to square with the CLIP mean colour) or crop "
                          "(resize + centre crop, as llava-hf and the published 66.8).")]
-ScorerOpt = Annotated[str, typer.Option(
-    "--scorer", help="Importance score: l2 (default), cls, random, uniform.")]
+ScorerOpt = Annotated[Scorer, typer.Option(
+    "--scorer", help="Importance score: l2 (projected feature norm), cls (CLIP [CLS] attention), "
+                     "random (seeded), uniform (spread over the grid).")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Recompute even if an existing cache was made from other inputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]

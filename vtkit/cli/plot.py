@@ -9,8 +9,6 @@ import typer
 
 from vtkit.cli.options import JsonOpt, OutputDirOpt
 from vtkit.cli.output import print_json
-from vtkit.cli.progress import RichReporter
-from vtkit.plot import PlotConfig, make_plots
 
 CompareOpt = Annotated[list[Path] | None, typer.Option(
     "--compare", metavar="DIR",
@@ -33,6 +31,9 @@ def plot(
 
     Example: vtkit plot --output-dir runs/l2 --compare runs/random --compare runs/cls
     """
+    from vtkit.cli.progress import RichReporter
+    from vtkit.plot import PlotConfig, make_plots
+
     result = make_plots(PlotConfig(output_dir=output_dir, compare=list(compare or [])),
                         RichReporter())
     if json_output:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -71,7 +72,9 @@ class RichReporter(Reporter):
         console.print(message, highlight=False)
 
     def warn(self, message: str) -> None:
-        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        # One line however long (the terminal wraps it), and the message is never markup.
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False,
+                      soft_wrap=True)
 
     def table(self, title, columns, rows) -> None:
         table = Table(title=title)

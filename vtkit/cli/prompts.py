@@ -18,7 +18,6 @@ from vtkit.cli.options import (
     SplitOpt,
 )
 from vtkit.cli.output import console
-from vtkit.prompts import PromptsConfig, write_prompts
 
 TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", help="Tokenizer directory or cached repo id. Default: --model-path.")]
@@ -45,6 +44,8 @@ def prompts(
 
     Example: vtkit prompts --question-file scienceqa/llava_test_CQM-A.json --output p.jsonl
     """
+    from vtkit.prompts import PromptsConfig, write_prompts
+
     config = PromptsConfig(
         tokenizer=tokenizer or model_path, output=output, question_file=question_file,
         base_dir=base_dir, split=split, conv_mode=conv_mode,

@@ -9,9 +9,8 @@ import typer
 
 from vtkit.cli.options import JsonOpt, OutputDirOpt
 from vtkit.cli.output import print_json
-from vtkit.cli.progress import RichReporter
+from vtkit.defaults import DEFAULT_THRESHOLD
 from vtkit.errors import UsageError
-from vtkit.rank import DEFAULT_THRESHOLD, RankConfig, compute_ranks
 
 ThresholdOpt = Annotated[float, typer.Option(
     "--threshold",
@@ -36,6 +35,9 @@ def rank(
     """
     if not 0.0 < threshold < 1.0:
         raise UsageError(f"--threshold must be in (0, 1), got {threshold:g}")
+    from vtkit.cli.progress import RichReporter
+    from vtkit.rank import RankConfig, compute_ranks
+
     result = compute_ranks(RankConfig(output_dir=output_dir, threshold=threshold), RichReporter())
     if json_output:
         print_json({"ranks_file": str(result.path), **result.to_json(per_question=False)})

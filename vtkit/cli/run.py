@@ -30,14 +30,7 @@ from vtkit.cli.options import (
     SplitOpt,
     TemperatureOpt,
 )
-from vtkit.cli.progress import stage_reporter
 from vtkit.cli.sweep import KeepAttentionOpt, MaxOpt, MinOpt, StepOpt, TokensOpt, resolve_tokens
-from vtkit.extract import ExtractConfig, extract
-from vtkit.parallel import init_ranks
-from vtkit.plot import PlotConfig, make_plots
-from vtkit.rank import RankConfig, compute_ranks
-from vtkit.sweep import SweepConfig
-from vtkit.sweep import sweep as run_sweep
 
 ThresholdOpt = Annotated[float, typer.Option(
     "--threshold", help="Rank threshold relative to the largest singular value.")]
@@ -77,7 +70,14 @@ def run(
     liuhaotian/llava-v1.5-7b --base-dir ScienceQA --conv-mode llava_v1 --temperature 0.2
     --question-file ScienceQA/llava_test_QCM-LEA.json
     """
+    from vtkit.cli.progress import stage_reporter
+    from vtkit.extract import ExtractConfig, extract
     from vtkit.model import load_model
+    from vtkit.parallel import init_ranks
+    from vtkit.plot import PlotConfig, make_plots
+    from vtkit.rank import RankConfig, compute_ranks
+    from vtkit.sweep import SweepConfig
+    from vtkit.sweep import sweep as run_sweep
 
     reporter = stage_reporter()
     ranks = init_ranks(device)

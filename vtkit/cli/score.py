@@ -9,11 +9,14 @@ import typer
 
 from vtkit.cli.options import BaseDirOpt, JsonOpt, SplitOpt
 from vtkit.cli.output import print_json
-from vtkit.cli.progress import RichReporter
-from vtkit.scoring import score_answers
+from vtkit.errors import UsageError
 
-AnswersArg = Annotated[Path, typer.Argument(
-    metavar="ANSWERS", help="LLaVA answers file: JSON lines with question_id, prompt, text.")]
+AnswersArg = Annotated[Path | None, typer.Argument(
+    metavar="ANSWERS", show_default=False,
+    help="LLaVA answers file: JSON lines with question_id, prompt, text.")]
+ResultFileOpt = Annotated[Path | None, typer.Option(
+    "--result-file", help="The answers file, as eval_science_qa.py's flag names it (instead of "
+                          "ANSWERS).")]
 OutputFileOpt = Annotated[Path | None, typer.Option(
     "--output-file", help="Write eval_science_qa.py's per-question file (correct/incorrect).")]
 OutputResultOpt = Annotated[Path | None, typer.Option(
@@ -21,7 +24,8 @@ OutputResultOpt = Annotated[Path | None, typer.Option(
 
 
 def score(
-    answers: AnswersArg,
+    answers: AnswersArg = None,
+    result_file: ResultFileOpt = None,
     base_dir: BaseDirOpt = Path("scienceqa"),
     split: SplitOpt = "test",
     json_output: JsonOpt = False,
@@ -32,15 +36,23 @@ def score(
 
     Prints the official line (Total, Correct, Accuracy, IMG-Accuracy) on stdout, then a table of
     ScienceQA's categories on stderr; --json prints one JSON document on stdout instead.
-    A question without an answer counts as wrong.
+    A question without an answer counts as wrong; answers to questions outside the split are
+    not scored, and a warning names them.
 
     Example: vtkit score answers/llava-v1.5-7b.jsonl --base-dir scienceqa --split test
     """
-    report = score_answers(answers, base_dir, split, output_file, output_result)
+    if (answers is None) == (result_file is None):
+        raise UsageError("give the answers file once: as ANSWERS or as --result-file")
+    from vtkit.cli.progress import RichReporter
+    from vtkit.scoring import score_answers
+
+    reporter = RichReporter()
+    report = score_answers(answers or result_file, base_dir, split, output_file, output_result,
+                           reporter)
     if json_output:
         print_json(report.to_json())
         return
     typer.echo(report.official_line())
-    RichReporter().table(
+    reporter.table(
         f"ScienceQA {split}", ["category", "questions", "accuracy %"],
         [[name, report.category_counts[name], acc] for name, acc in report.categories.items()])

@@ -29,11 +29,7 @@ from vtkit.cli.options import (
     SplitOpt,
     TemperatureOpt,
 )
-from vtkit.cli.progress import stage_reporter
 from vtkit.errors import UsageError
-from vtkit.pruning import token_grid
-from vtkit.sweep import SweepConfig
-from vtkit.sweep import sweep as run_sweep
 
 MinOpt = Annotated[int, typer.Option("--min", help="Smallest k of the grid.")]
 MaxOpt = Annotated[int, typer.Option("--max", help="Largest k of the grid (swept first).")]
@@ -59,6 +55,8 @@ def resolve_tokens(min_tokens: int, max_tokens: int, step: int, tokens: str | No
             raise UsageError(
                 f"--tokens: expected comma-separated integers, got {tokens!r}") from None
         return values
+    from vtkit.pruning import token_grid
+
     try:
         return token_grid(min_tokens, max_tokens, step)
     except ValueError as error:
@@ -102,6 +100,10 @@ def sweep(
     Example: vtkit sweep --model-path demo/llava-tiny-hf --base-dir demo/scienceqa
     --min 20 --max 576 --step 10
     """
+    from vtkit.cli.progress import stage_reporter
+    from vtkit.sweep import SweepConfig
+    from vtkit.sweep import sweep as run_sweep
+
     config = SweepConfig(
         model_path=model_path, model_base=model_base, base_dir=base_dir,
         question_file=question_file, image_folder=image_folder, split=split,
