@@ -246,6 +246,14 @@ def test_warpers_match_transformers(temperature, top_k, top_p):
     torch.testing.assert_close(ours, expected)
 
 
+def test_sampling_defaults_are_transformers_where_the_checkpoint_names_none(tmp_path):
+    from vtkit.model import sampling_defaults
+
+    assert sampling_defaults(tmp_path) == {"top_k": 50, "top_p": 1.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0.9}))
+    assert sampling_defaults(tmp_path) == {"top_k": 50, "top_p": 0.9}
+
+
 def test_sampling_reads_top_k_from_generation_config(run_dir, tmp_path):
     base, out = run_dir
     model = model_copy(tmp_path)
