@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from vtkit import __version__
+from vtkit.cache import SCHEMA_VERSION
 
 TOKEN_COUNTS = (576, 300, 40, 20)
 
@@ -55,7 +56,7 @@ def write_sweep(
               **(config or {})}
     with h5py.File(path, "w") as f:
         f.attrs["vtkit_version"] = __version__
-        f.attrs["schema_version"] = 1
+        f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["config"] = json.dumps(config)
         f.attrs["fingerprint"] = f"sweep-{seed}-{scorer}"
         f.attrs["extract_fingerprint"] = f"extract-{seed}"

@@ -25,7 +25,9 @@ import numpy as np
 from vtkit import __version__
 from vtkit.errors import CacheMismatchError, DataError
 
-SCHEMA_VERSION = 1
+#: 2: features.h5 holds each image's sha256 (not its size and mtime); the fingerprints compare
+#: models by weights, not by path; sweep.h5 carries the answer key's hash.
+SCHEMA_VERSION = 2
 STRING = h5py.string_dtype("utf-8")
 
 
@@ -179,6 +181,16 @@ class PartStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _refusal(path: Path, attrs: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
+    schema = attrs.get("schema_version")
+    if schema != SCHEMA_VERSION:
+        return (f"{path} has schema version {schema}, this vtkit reads version {SCHEMA_VERSION}: "
+                f"pass --force to recompute it")
+    if not attrs.get("complete") and attrs.get("fingerprint") == fingerprint(inputs):
+        return f"{path} is incomplete: delete it or pass --force to recompute it"
+    return mismatch_message(path, stored_inputs(attrs), inputs)
+
+
 def start_parts(final: Path, parts_dir: Path, inputs: Mapping[str, Any], force: bool,
                 ranks) -> PartStore | None:
     """Decide what a stage does about ``final``; return its opened part store, or None.
@@ -188,11 +200,17 @@ def start_parts(final: Path, parts_dir: Path, inputs: Mapping[str, Any], force: 
     Under torchrun rank 0 opens (or resets) the part directory before the other ranks do.
     """
     if final.exists():
-        attrs = read_attrs(final)
-        if attrs.get("fingerprint") == fingerprint(inputs) and attrs.get("complete"):
+        try:
+            attrs = read_attrs(final)
+        except DataError as error:
+            if not force:
+                raise DataError(f"{error}; delete it or pass --force to recompute it") from None
+            attrs = {}
+        if (attrs.get("schema_version") == SCHEMA_VERSION and attrs.get("complete")
+                and attrs.get("fingerprint") == fingerprint(inputs)):
             return None
         if not force:
-            raise CacheMismatchError(mismatch_message(final, stored_inputs(attrs), inputs))
+            raise CacheMismatchError(_refusal(final, attrs, inputs))
         ranks.barrier()   # every rank has read the old file before rank 0 removes it
         if ranks.is_main:
             final.unlink()

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -18,15 +19,19 @@ import numpy as np
 import torch
 
 from vtkit import cache
-from vtkit.data import Question, Selection, select_questions
-from vtkit.errors import DataError
-from vtkit.images import load_image, preprocess_images
+from vtkit.data import Question, Selection, check_num_samples, select_questions
+from vtkit.errors import DataError, UsageError
+from vtkit.images import check_image_mode, load_image, preprocess_images
 from vtkit.parallel import init_ranks
 from vtkit.progress import Reporter
 from vtkit.pruning import SCORERS, l2_scores, random_scores, uniform_scores
 
 FEATURES_FILE = "features.h5"
 PARTS_DIR = "features.parts"
+#: What the later stages write from features.h5 (sweep, rank, plot): stale once it is recomputed.
+DOWNSTREAM_FILES = ("sweep.h5", "sweep.parts", "ranks.json", "raw_results.json",
+                    "normalized_results.json")
+DOWNSTREAM_PATTERNS = ("answers/k*.jsonl", "pruning_experiment_*.png", "pruning_experiment_*.pdf")
 
 
 @dataclass
@@ -41,7 +46,7 @@ class ExtractConfig:
     split: str = "test"
     num_samples: int = -1
     output_dir: Path = Path("pruning_results")
-    image_mode: str = "pad"          # pad (LLaVA-1.5 code) | crop (llava-hf, published 66.8)
+    image_mode: str | None = None    # pad | crop; None: the checkpoint's (model.image_mode_default)
     batch_size: int | None = None    # images per vision forward; None: 32 on CUDA, 8 on CPU
     dtype: str | None = None         # None: float16 on CUDA, float32 on CPU
     device: str = "auto"
@@ -52,6 +57,39 @@ class ExtractConfig:
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        """Check every flag that can be checked without the model (UsageError naming it)."""
+        if self.image_mode is not None:
+            check_image_mode(self.image_mode)
+        check_common_flags(self)
+
+
+def check_common_flags(config) -> None:
+    """The flags extract and sweep share: --num-samples, --batch-size, --dtype, --device."""
+    from vtkit.model import resolve_device, resolve_dtype
+
+    check_num_samples(config.num_samples)
+    if config.batch_size is not None and config.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {config.batch_size}")
+    if not str(config.split).strip():
+        raise UsageError("--split must name a split of pid_splits.json")
+    resolve_dtype(config.dtype, resolve_device(config.device))
+
+
+def remove_outputs(output_dir: Path, names: tuple[str, ...],
+                   patterns: tuple[str, ...]) -> list[Path]:
+    """Remove the files (and part directories) ``names`` and ``patterns`` match in
+    ``output_dir``: the outputs a recomputed stage no longer stands behind."""
+    output_dir = Path(output_dir)
+    gone = [output_dir / name for name in names if (output_dir / name).exists()]
+    gone += sorted(p for pattern in patterns for p in output_dir.glob(pattern))
+    for path in gone:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return gone
 
 
 @dataclass
@@ -65,34 +103,57 @@ class ExtractResult:
     random_init: bool
 
 
-def image_stats(selection: Selection, questions: list[Question]) -> list[tuple[str, int, int]]:
-    """(relative path, size in bytes, mtime in ns) of each question's image."""
-    stats = []
-    for q in questions:
-        st = selection.image_path(q).stat()
-        stats.append((q.image, st.st_size, st.st_mtime_ns))
-    return stats
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_hashes(selection: Selection, questions: list[Question]) -> list[tuple[str, str]]:
+    """(relative path, sha256 of the file's bytes) of each question's image.
+
+    The content, not size and mtime: a touched but unchanged image is the same input, a changed
+    one with equal size and mtime is not. Hashed on a few threads (hashlib releases the GIL)."""
+    paths = [selection.image_path(q) for q in questions]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(file_sha256, paths))
+    return [(q.image, d) for q, d in zip(questions, digests, strict=True)]
 
 
 def _digest(items) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def cache_inputs(identity: dict, config: ExtractConfig, questions: list[Question],
-                 stats: list[tuple[str, int, int]], feature_dtype: str) -> dict:
-    """The record of what a features cache is made from; its hash is the cache's fingerprint."""
-    model = {k: identity.get(k) for k in
-             ("model_path", "model_base", "format", "weights_sha256", "random_init")}
+def vision_settings(model) -> dict:
+    """The vision facts that decide the features: CLIP input size, patch size, feature layer,
+    and the mean/std the pixels are normalised with."""
+    return {"image_size": int(model.image_size), "patch_size": int(model.patch_size),
+            "feature_layer": int(model.vision_feature_layer),
+            "image_mean": [float(v) for v in model.image_mean],
+            "image_std": [float(v) for v in model.image_std]}
+
+
+def cache_inputs(model, image_mode: str, seed: int, questions: list[Question],
+                 hashes: list[tuple[str, str]], feature_dtype: str) -> dict:
+    """The record of what a features cache is made from; its hash is the cache's fingerprint.
+
+    The model counts by what determines its outputs (:func:`vtkit.model.model_key`), never by
+    the path it was loaded from."""
+    from vtkit.model import model_key
+
     return {
         "schema_version": cache.SCHEMA_VERSION,
-        "model": model,
-        "dtype": str(identity.get("dtype")),
+        "model": model_key(model.identity),
+        "vision": vision_settings(model),
+        "dtype": str(model.identity.get("dtype")),
         "feature_dtype": feature_dtype,
-        "image_mode": config.image_mode,
+        "image_mode": image_mode,
         "questions": _digest([q.question_id for q in questions]),
-        "images": _digest(stats),
+        "images": _digest(hashes),
         "scorers": list(SCORERS),
-        "seed": config.seed,
+        "seed": seed,
     }
 
 
@@ -106,13 +167,14 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
     """Compute (or resume, or confirm) the features cache ``<output_dir>/features.h5``."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    config.validate()
     selection = select_questions(config.base_dir, config.question_file, config.image_folder,
                                  config.split, config.num_samples)
     questions = [q for q in selection.questions if q.has_image]
     if not questions:
         raise DataError(f"no image questions among the {len(selection.questions)} selected "
                         f"questions; nothing to extract")
-    stats = image_stats(selection, questions)
+    hashes = image_hashes(selection, questions)
 
     ranks = init_ranks(config.device)
     if model is None:
@@ -122,8 +184,11 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
                            dtype=config.dtype, device=ranks.device(config.device))
     if model.identity.get("random_init"):
         reporter.warn("RANDOM WEIGHTS (--random-init): features are noise; for benchmarks only")
+    # The resolved mode is what is fingerprinted and recorded.
+    config = replace(config, image_mode=config.image_mode or model.image_mode_default)
     feature_dtype = _feature_dtype(model.dtype)
-    inputs = cache_inputs(model.identity, config, questions, stats, feature_dtype.name)
+    inputs = cache_inputs(model, config.image_mode, config.seed, questions, hashes,
+                          feature_dtype.name)
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +199,12 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
         return ExtractResult(final, len(questions), 0, time.perf_counter() - started,
                              final.stat().st_size / len(questions), True,
                              bool(model.identity.get("random_init")))
+    if config.force and ranks.is_main:
+        # New features: whatever the sweep, rank and plot made from the old ones is stale.
+        gone = remove_outputs(output_dir, DOWNSTREAM_FILES, DOWNSTREAM_PATTERNS)
+        if gone:
+            reporter.info(f"--force: removed {len(gone)} outputs of the old features (sweep, "
+                          f"answers, ranks, results, figures)")
     done = set()
     for part in store.parts():
         with h5py.File(part, "r") as f:
@@ -147,7 +218,7 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
                            feature_dtype)
     ranks.barrier()
     if ranks.is_main:
-        _merge(store, final, questions, stats, model, config, inputs, feature_dtype)
+        _merge(store, final, questions, hashes, model, config, inputs, feature_dtype)
         store.remove()
     ranks.barrier()
     size = final.stat().st_size
@@ -204,7 +275,7 @@ def _run_vision(model, selection, todo, batch_size, config, store, reporter, fea
     return len(todo)
 
 
-def _merge(store, final, questions, stats, model, config, inputs, feature_dtype) -> None:
+def _merge(store, final, questions, hashes, model, config, inputs, feature_dtype) -> None:
     """Gather the parts into the final file in question order, through a temporary name."""
     index = {q.question_id: i for i, q in enumerate(questions)}
     n, num_patches = len(questions), model.num_patches
@@ -213,6 +284,7 @@ def _merge(store, final, questions, stats, model, config, inputs, feature_dtype)
         attrs = cache.base_attrs(config.to_dict(), inputs)
         attrs.update({
             "model_id": str(model.identity.get("model_path")),
+            "checkpoint_dir": str(model.identity.get("checkpoint_dir")),
             "random_init": bool(model.identity.get("random_init")),
             "image_mode": config.image_mode,
             "dtype": str(model.dtype).replace("torch.", ""),
@@ -223,11 +295,10 @@ def _merge(store, final, questions, stats, model, config, inputs, feature_dtype)
         out.attrs.update(attrs)
         out.create_dataset("question_ids", data=np.asarray([q.question_id for q in questions],
                                                            dtype=object), dtype=cache.STRING)
-        out.create_dataset("image_paths", data=np.asarray([s[0] for s in stats], dtype=object),
+        out.create_dataset("image_paths", data=np.asarray([h[0] for h in hashes], dtype=object),
                            dtype=cache.STRING)
-        out.create_dataset("image_sizes", data=np.asarray([s[1] for s in stats], dtype=np.int64))
-        out.create_dataset("image_mtimes_ns",
-                           data=np.asarray([s[2] for s in stats], dtype=np.int64))
+        out.create_dataset("image_sha256", data=np.asarray([h[1] for h in hashes], dtype=object),
+                           dtype=cache.STRING)
         features = None
         scores = {name: out.create_dataset(f"scores/{name}", (n, num_patches), np.float32)
                   for name in SCORERS}

@@ -81,6 +81,11 @@ _CHECKSUM_EDGE_BYTES = 4 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _NOT_WEIGHTS = ("training_args.bin",)
 
+# transformers' GenerationConfig defaults, which generate() uses where a checkpoint's
+# generation_config.json says nothing.
+DEFAULT_TOP_K = 50
+DEFAULT_TOP_P = 1.0
+
 
 # --------------------------------------------------------------------------------------------
 # Device and dtype
@@ -259,6 +264,32 @@ def weights_checksum(files: Iterable[tuple[str, Path]]) -> str:
                 digest.update(handle.read(_CHECKSUM_EDGE_BYTES))
                 handle.seek(size - _CHECKSUM_EDGE_BYTES)
                 digest.update(handle.read(_CHECKSUM_EDGE_BYTES))
+    return digest.hexdigest()
+
+
+#: The fields of ``identity`` that decide a model's outputs. The path it was loaded from is not
+#: one: ``demo/m``, ``./demo/m/``, an absolute path or a symlink to it are the same model.
+IDENTITY_KEYS = ("format", "weights_sha256", "random_init", "seed")
+
+# Files that decide how a tokenizer splits text (transformers reads these names).
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def model_key(identity: dict[str, Any]) -> dict[str, Any]:
+    """What a cache compares to tell models apart: format, weights checksum (which covers a LoRA
+    base and an original checkpoint's CLIP tower), random init and its seed."""
+    return {k: identity.get(k) for k in IDENTITY_KEYS}
+
+
+def tokenizer_checksum(directory: Path) -> str:
+    """sha256 over the tokenizer files of a checkpoint directory (name and bytes of each)."""
+    digest = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        path = directory / name
+        if path.is_file():
+            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -449,7 +480,8 @@ class LlavaModel:
 
     ``hf`` is the wrapped ``transformers.LlavaForConditionalGeneration`` (eval mode, no grads).
     Attributes: ``tokenizer``, ``device``, ``dtype``, ``identity`` (model_path, model_base,
-    format, weights_sha256, random_init, dtype, and seed for random weights), ``image_size``,
+    checkpoint_dir, format, weights_sha256, tokenizer_sha256, random_init, dtype, and seed for
+    random weights), ``sampling`` (top_k, top_p of its generation config), ``image_size``,
     ``patch_size``, ``num_patches`` (576 for 336/14), ``image_mean``, ``image_std``,
     ``image_mode_default``, ``vision_feature_layer`` (-2), ``hidden_size`` (LM width),
     ``num_layers`` (decoder layers), ``vision_hidden_size``, ``vocab_size`` (rows of the
@@ -483,6 +515,7 @@ class LlavaModel:
         self.num_layers = config.text_config.num_hidden_layers
         self.vocab_size = self.embed_tokens.num_embeddings
         self.image_token_id = config.image_token_id
+        self.sampling = {"top_k": DEFAULT_TOP_K, "top_p": DEFAULT_TOP_P}
         self._cache_argument: str | None = None
 
     def __repr__(self) -> str:
@@ -817,20 +850,60 @@ def load_model(model_path: str | Path, model_base: str | Path | None = None, *,
             files += _labelled("base", base_dir)
         checksum = weights_checksum(files)
 
+    tokenizer_dir = base_dir if base_dir is not None else checkpoint_dir
     identity = {
         "model_path": str(model_path),
         "model_base": None if model_base is None else str(model_base),
+        # Where the files were found, for information (the fingerprints use model_key).
+        "checkpoint_dir": str(checkpoint_dir.resolve()),
         "format": fmt,
         "weights_sha256": checksum,
+        "tokenizer_sha256": tokenizer_checksum(tokenizer_dir),
         "random_init": bool(random_init),
         "dtype": dtype_name(dtype),
     }
     if random_init:
         identity["seed"] = seed
     mean, std = _image_processor_settings(checkpoint_dir if fmt == "hf" else clip_dir)
-    tokenizer = load_tokenizer(base_dir if base_dir is not None else checkpoint_dir)
-    return LlavaModel(hf, tokenizer, identity, image_mean=mean, image_std=std,
-                      image_mode_default=_image_mode_default(config, fmt))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = LlavaModel(hf, tokenizer, identity, image_mean=mean, image_std=std,
+                       image_mode_default=_image_mode_default(config, fmt))
+    # A LoRA checkpoint's language model, and so its generation config, is the base's.
+    model.sampling = sampling_defaults(tokenizer_dir)
+    return model
+
+
+def sampling_defaults(checkpoint_dir: Path) -> dict[str, Any]:
+    """``top_k`` and ``top_p`` as ``generate()`` resolves them when sampling: the checkpoint's
+    ``generation_config.json``, else transformers' GenerationConfig defaults (50 and 1.0)."""
+    path = checkpoint_dir / "generation_config.json"
+    settings: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            settings = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: cannot read it: {error}") from None
+    top_k, top_p = settings.get("top_k"), settings.get("top_p")
+    return {"top_k": DEFAULT_TOP_K if top_k is None else int(top_k),
+            "top_p": DEFAULT_TOP_P if top_p is None else float(top_p)}
+
+
+def checkpoint_num_patches(model_path: str | Path) -> int:
+    """Visual tokens per image, ``(image_size // patch_size) ** 2``, from the checkpoint's
+    configs alone (no weights are read), so a bad k is refused before the model loads."""
+    checkpoint_dir = resolve_checkpoint_dir(model_path)
+    config = read_config(checkpoint_dir)
+    if _format_of(checkpoint_dir, config) == "hf":
+        from transformers import LlavaConfig
+
+        with _quiet_transformers():
+            vision = LlavaConfig.from_pretrained(checkpoint_dir).vision_config
+    else:
+        if "mm_vision_tower" not in config:
+            raise DataError(f"{checkpoint_dir}/config.json has no mm_vision_tower")
+        vision, _ = _vision_config_for(config["mm_vision_tower"], checkpoint_dir,
+                                       allow_builtin=True)
+    return (vision.image_size // vision.patch_size) ** 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ import h5py
 import numpy as np
 
 from vtkit import __version__
+from vtkit.cache import SCHEMA_VERSION
 from vtkit.defaults import DEFAULT_THRESHOLD
-from vtkit.errors import DataError
+from vtkit.errors import DataError, UsageError
 from vtkit.progress import Reporter
 
 #: Results of `vtkit sweep`, read by rank and plot.
@@ -35,7 +36,7 @@ SWEEP_FILE = "sweep.h5"
 #: Written by this stage, read by `vtkit plot`.
 RANKS_FILE = "ranks.json"
 #: The sweep.h5 layout this module reads.
-SWEEP_SCHEMA_VERSION = 1
+SWEEP_SCHEMA_VERSION = SCHEMA_VERSION
 #: The two layers whose attention outputs the sweep captures, as named in sweep.h5.
 LAYERS = ("first_layer", "last_layer")
 #: A stored spectrum further than this (relative to the largest singular value) from the float64
@@ -147,7 +148,8 @@ def open_sweep(output_dir: Path) -> Iterator[h5py.File]:
         schema = handle.attrs.get("schema_version")
         if schema is None or int(schema) != SWEEP_SCHEMA_VERSION:
             raise DataError(f"{path} has schema_version {schema}, expected "
-                            f"{SWEEP_SCHEMA_VERSION}: re-run `vtkit sweep` with this vtkit")
+                            f"{SWEEP_SCHEMA_VERSION}: re-run `vtkit sweep --force` with this "
+                            "vtkit")
         if not bool(handle.attrs.get("complete", False)):
             raise DataError(f"{path} is incomplete: finish `vtkit sweep` (re-run it to resume) "
                             "before ranking or plotting")
@@ -197,6 +199,11 @@ class RankConfig:
 
     output_dir: Path
     threshold: float = DEFAULT_THRESHOLD
+
+    def validate(self) -> None:
+        """Check the flags before any work (UsageError naming the flag)."""
+        if not 0.0 < self.threshold < 1.0:
+            raise UsageError(f"--threshold must be in (0, 1), not {self.threshold}")
 
 
 @dataclass
@@ -294,7 +301,7 @@ def compute_ranks(config: RankConfig, reporter: Reporter | None = None) -> RankR
     questions (there is nothing to rank without visual tokens).
     """
     reporter = reporter or Reporter()
-    _check_threshold(config.threshold)
+    config.validate()
     output_dir = Path(config.output_dir)
     with open_sweep(output_dir) as handle:
         meta = sweep_meta(handle)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -28,10 +30,16 @@ from threadpoolctl import threadpool_limits
 from vtkit import cache
 from vtkit.data import Question, select_questions
 from vtkit.errors import CacheMismatchError, DataError, UsageError
-from vtkit.extract import FEATURES_FILE
+from vtkit.extract import FEATURES_FILE, check_common_flags, remove_outputs
 from vtkit.parallel import init_ranks
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
-from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokenize_prompt
+from vtkit.prompts import (
+    IMAGE_TOKEN_INDEX,
+    build_prompt,
+    get_conv_template,
+    question_text,
+    tokenize_prompt,
+)
 from vtkit.pruning import (
     SCORERS,
     gather_rows,
@@ -46,7 +54,13 @@ from vtkit.scoring import score_predictions
 SWEEP_FILE = "sweep.h5"
 PARTS_DIR = "sweep.parts"
 ANSWERS_DIR = "answers"
-TOP_K_SAMPLING = 50   # transformers' default top_k, which LLaVA's sampled runs used
+#: What rank and plot make from sweep.h5: stale once the sweep is recomputed (the answer files
+#: of the new grid are rewritten; those of an old grid would stay behind).
+RESULT_FILES = ("ranks.json", "raw_results.json", "normalized_results.json")
+RESULT_PATTERNS = ("answers/k*.jsonl", "pruning_experiment_*.png", "pruning_experiment_*.pdf")
+#: Plot's outputs alone: they hold accuracies, so a re-scored sweep makes them stale.
+ACCURACY_FILES = ("raw_results.json", "normalized_results.json")
+ACCURACY_PATTERNS = ("pruning_experiment_*.png", "pruning_experiment_*.pdf")
 
 
 @dataclass
@@ -81,6 +95,25 @@ class SweepConfig:
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        """Check every flag that can be checked without the model (UsageError naming it).
+        The k <= number-of-patches check needs the checkpoint's config: :func:`check_tokens`."""
+        if self.scorer not in SCORERS:
+            raise UsageError(f"--scorer: unknown scorer {self.scorer!r} "
+                             f"(known: {', '.join(SCORERS)})")
+        get_conv_template(self.conv_mode)
+        check_tokens(self.tokens)
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UsageError(f"--temperature must be 0 (greedy) or positive, not "
+                             f"{self.temperature}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, not {self.max_new_tokens}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise UsageError(f"--token-budget must be at least 1, not {self.token_budget}")
+        if self.keep_attention < 0:
+            raise UsageError(f"--keep-attention must be 0 or more, not {self.keep_attention}")
+        check_common_flags(self)
 
 
 @dataclass
@@ -119,15 +152,28 @@ class _Item:
         return len(self.prefix) + len(self.suffix)
 
 
-def _check_tokens(tokens: list[int], num_patches: int) -> None:
+def check_tokens(tokens: list[int], num_patches: int | None = None) -> None:
+    """The k grid: non-empty, no repeats, every k in 1..num_patches (when given)."""
     if not tokens:
         raise UsageError("--tokens: no token counts to sweep")
-    bad = [k for k in tokens if k < 1 or k > num_patches]
-    if bad:
-        raise UsageError(f"--tokens/--max: k={bad[0]} is outside 1..{num_patches}, the number of "
-                         f"visual tokens of this model")
     if len(set(tokens)) != len(tokens):
         raise UsageError("--tokens: token counts repeat")
+    bad = [k for k in tokens if k < 1 or (num_patches is not None and k > num_patches)]
+    if bad:
+        limit = num_patches if num_patches is not None else "the number of patches"
+        raise UsageError(f"--tokens/--max: k={bad[0]} is outside 1..{limit}, the number of "
+                         f"visual tokens of this model")
+
+
+def check_tokens_fit(config: SweepConfig, model=None) -> None:
+    """k <= the model's visual tokens, read from the checkpoint's configs when no model is
+    loaded yet, so a bad grid is refused before any model work."""
+    if model is not None:
+        check_tokens(config.tokens, model.num_patches)
+        return
+    from vtkit.model import checkpoint_num_patches
+
+    check_tokens(config.tokens, checkpoint_num_patches(config.model_path))
 
 
 def _prepare_items(questions: list[Question], tokenizer, config: SweepConfig) -> list[_Item]:
@@ -216,17 +262,51 @@ class _AttentionCapture:
             handle.remove()
 
 
-def _pick_tokens(logits: torch.Tensor, temperature: float,
-                 generators: list[torch.Generator] | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
+def sampling_candidates(logits: torch.Tensor, temperature: float, top_k: int,
+                        top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution generate() samples from, as (scores, token ids) of the top-k tokens:
+    temperature, then top-k (0: every token), then top-p (nucleus, keeping at least one token),
+    in the order and with the arithmetic of transformers' logits warpers. Tokens top-p drops
+    have score -inf."""
     scaled = logits.float() / temperature
-    top = torch.topk(scaled, min(TOP_K_SAMPLING, scaled.shape[-1]), dim=-1)
-    probs = torch.softmax(top.values, dim=-1)
+    k = scaled.shape[-1] if top_k <= 0 else min(top_k, scaled.shape[-1])
+    top = torch.topk(scaled, k, dim=-1)
+    values = top.values
+    if top_p < 1.0:
+        # TopPLogitsWarper: ascending order, drop while the cumulative mass <= 1 - top_p.
+        ascending = values.flip(-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p)
+        drop[..., -1:] = False
+        values = ascending.masked_fill(drop, -math.inf).flip(-1)
+    return values, top.indices
+
+
+def _pick_tokens(logits: torch.Tensor, decode: dict,
+                 generators: list[torch.Generator] | None) -> torch.Tensor:
+    if decode["temperature"] <= 0:
+        return logits.argmax(-1)
+    values, indices = sampling_candidates(logits, decode["temperature"], decode["top_k"],
+                                          decode["top_p"])
+    probs = torch.softmax(values, dim=-1)
     # One generator per question, so a sample never depends on its batch neighbours.
     picks = torch.stack([torch.multinomial(probs[i], 1, generator=g)
                          for i, g in enumerate(generators)]).squeeze(-1)
-    return top.indices.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
+    return indices.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
+
+
+def decode_settings(config: SweepConfig, model) -> dict:
+    """The resolved decoding: greedy, or sampling with the temperature and seed of the flags
+    and the top-k / top-p of the checkpoint's generation config (as generate() does)."""
+    settings = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
+                "top_k": None, "top_p": None}
+    if config.temperature > 0:
+        from vtkit.model import DEFAULT_TOP_K, DEFAULT_TOP_P
+
+        sampling = getattr(model, "sampling", None) or {}
+        settings["top_k"] = int(sampling.get("top_k", DEFAULT_TOP_K))
+        settings["top_p"] = float(sampling.get("top_p", DEFAULT_TOP_P))
+    return settings
 
 
 def _generators(items: list[_Item], ks: list[int], config: SweepConfig, device) -> list | None:
@@ -303,12 +383,13 @@ def decode(model, items: list[_Item], state: Prefill, config: SweepConfig,
     decoded without special tokens and stripped, as LLaVA's eval script does.
     """
     generators = _generators(items, ks, config, model.device)
+    settings = decode_settings(config, model)
     eos, pad = model.eos_token_id, model.pad_token_id
     logits, mask, positions = state.logits, state.mask, state.positions
     done = torch.zeros(len(items), dtype=torch.bool, device=model.device)
     steps = []
     for step in range(config.max_new_tokens):
-        token = _pick_tokens(logits, config.temperature, generators)
+        token = _pick_tokens(logits, settings, generators)
         token = torch.where(done, torch.full_like(token, pad), token)
         steps.append(token)
         done |= token == eos
@@ -355,19 +436,28 @@ def _load_extract_cache(path: Path, image_items: list[_Item], model) -> dict:
     if not path.exists():
         raise DataError(f"{path} not found: run `vtkit extract` with the same model and "
                         f"questions first")
-    attrs = cache.read_attrs(path)
+    from vtkit.model import model_key
+
+    try:
+        attrs = cache.read_attrs(path)
+    except DataError as error:
+        raise DataError(f"{error}; re-run `vtkit extract --force`") from None
+    if attrs.get("schema_version") != cache.SCHEMA_VERSION:
+        raise CacheMismatchError(f"{path} has schema version {attrs.get('schema_version')}, "
+                                 f"this vtkit reads version {cache.SCHEMA_VERSION}: re-run "
+                                 f"`vtkit extract --force`")
     if not attrs.get("complete"):
         raise DataError(f"{path} is incomplete: finish `vtkit extract` first")
     inputs = cache.stored_inputs(attrs)
-    identity = model.identity
-    stored_model = inputs.get("model", {})
-    changed = [key for key in ("model_path", "model_base", "format", "weights_sha256",
-                               "random_init") if stored_model.get(key) != identity.get(key)]
-    if inputs.get("dtype") != str(identity.get("dtype")):
+    # The model counts by what decides its outputs, not by how its path is spelled.
+    stored_model, current = inputs.get("model", {}), model_key(model.identity)
+    changed = [key for key in current if stored_model.get(key) != current[key]]
+    if inputs.get("dtype") != str(model.identity.get("dtype")):
         changed.append("dtype")
     if changed:
         raise CacheMismatchError(f"{path} was made from another model (changed: "
-                                 f"{', '.join(changed)}); re-run `vtkit extract` for this model")
+                                 f"{', '.join(changed)}); re-run `vtkit extract` for this model "
+                                 f"(with --force to replace it)")
     with h5py.File(path, "r") as f:
         cached = [s.decode() for s in f["question_ids"][:]]
     rows = {qid: i for i, qid in enumerate(cached)}
@@ -390,15 +480,12 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     """
     reporter = reporter or Reporter()
     timer = timer or NullTimer()
-    ranks = init_ranks(config.device)
     started = time.perf_counter()
-    if config.scorer not in SCORERS:
-        raise UsageError(f"--scorer: unknown scorer {config.scorer!r} "
-                         f"(known: {', '.join(SCORERS)})")
+    config.validate()
+    check_tokens_fit(config, model)
+    ranks = init_ranks(config.device)
     output_dir = Path(config.output_dir)
     features_path = output_dir / FEATURES_FILE
-    if features_path.exists():
-        _check_tokens(config.tokens, int(cache.read_attrs(features_path).get("num_patches", 576)))
     selection = select_questions(config.base_dir, config.question_file, config.image_folder,
                                  config.split, config.num_samples)
     if model is None:
@@ -406,7 +493,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
 
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
                            dtype=config.dtype, device=ranks.device(config.device))
-    _check_tokens(config.tokens, model.num_patches)
+        check_tokens(config.tokens, model.num_patches)
     if config.compile:
         model.compile_decoder()
     random_init = bool(model.identity.get("random_init"))
@@ -418,31 +505,30 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     text_items = [it for it in items if not it.question.has_image]
     extract_attrs = _load_extract_cache(features_path, image_items, model) if image_items else {}
 
-    inputs = {
-        "schema_version": cache.SCHEMA_VERSION,
-        "extract_fingerprint": extract_attrs.get("fingerprint"),
-        "model": {k: model.identity.get(k) for k in
-                  ("model_path", "model_base", "format", "weights_sha256", "random_init")},
-        "dtype": str(model.identity.get("dtype")),
-        "questions": hashlib.sha256(json.dumps([it.question.question_id for it in items])
-                                    .encode()).hexdigest()[:16],
-        "tokens": list(config.tokens),
-        "scorer": config.scorer,
-        "conv_mode": config.conv_mode,
-        "single_pred_prompt": config.single_pred_prompt,
-        "temperature": config.temperature,
-        "seed": config.seed,
-        "max_new_tokens": config.max_new_tokens,
-        "keep_attention": config.keep_attention,
-    }
+    inputs = sweep_inputs(config, model, items, extract_attrs)
+    answer_key = answer_key_digest(selection.problems, items)
     final = output_dir / SWEEP_FILE
     model_id = config.model_id or Path(str(config.model_path).rstrip("/")).name
     store = cache.start_parts(final, output_dir / PARTS_DIR, inputs, config.force, ranks)
     if store is None:
-        reporter.info(f"{final}: sweep is complete; nothing to do")
+        if ranks.is_main and cache.read_attrs(final).get("answer_key") != answer_key:
+            rescore(final, selection.problems, items, answer_key)
+            gone = remove_outputs(output_dir, ACCURACY_FILES, ACCURACY_PATTERNS)
+            reporter.info(f"{final}: the answer key of the selected questions changed; re-scored "
+                          f"the stored answers" + (f" and removed {len(gone)} results and "
+                                                   f"figures of the old scores (re-run `vtkit "
+                                                   f"plot`)" if gone else ""))
+        else:
+            reporter.info(f"{final}: sweep is complete; nothing to do")
+        ranks.barrier()
         results = read_accuracies(final)
         _report(results, reporter)
         return SweepResult(final, results, time.perf_counter() - started, 0, True, random_init)
+    if config.force and ranks.is_main:
+        gone = remove_outputs(output_dir, RESULT_FILES, RESULT_PATTERNS)
+        if gone:
+            reporter.info(f"--force: removed {len(gone)} answer files, results and figures of "
+                          f"the old sweep")
 
     done: dict[int, set[int]] = {}
     for part in store.parts():
@@ -462,7 +548,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     ranks.barrier()
     if ranks.is_main:
         results = _merge(store, final, items, image_items, config, inputs, model, model_id,
-                         selection.problems, extract_attrs)
+                         selection.problems, extract_attrs, answer_key)
         store.remove()
     ranks.barrier()
     compute_seconds = time.perf_counter() - computing
@@ -652,7 +738,7 @@ def _load_chunk(model, features_file, chunk: list[_Item], config: SweepConfig):
 
 
 def _merge(store, final, items, image_items, config, inputs, model, model_id, problems,
-           extract_attrs) -> list[KResult]:
+           extract_attrs, answer_key) -> list[KResult]:
     """Gather the parts into sweep.h5 and the answer files, score every k."""
     n_q, n_k = len(items), len(config.tokens)
     k_row = {k: i for i, k in enumerate(config.tokens)}
@@ -698,16 +784,8 @@ def _merge(store, final, items, image_items, config, inputs, model, model_id, pr
     answers_dir.mkdir(exist_ok=True)
     fingerprint = cache.fingerprint(inputs)
     pids = [it.question.question_id for it in items]
-    correct = np.zeros((n_k, n_q), dtype=bool)
-    results = []
+    correct, results = score_answers(problems, items, config.tokens, answers)
     for r, k in enumerate(config.tokens):
-        predictions = {it.question.question_id: {"text": answers[r, it.index],
-                                                 "prompt": it.prompt} for it in items}
-        report = score_predictions(problems, pids, predictions)
-        correct_ids = set(report.correct_ids)
-        correct[r] = [pid in correct_ids for pid in pids]
-        results.append(KResult(k, report.total, report.correct, report.accuracy,
-                               report.img_total, report.img_accuracy))
         lines = [json.dumps({
             "question_id": it.question.question_id, "prompt": it.prompt,
             "text": answers[r, it.index], "answer_id": _answer_id(fingerprint, pids[it.index], k),
@@ -730,8 +808,11 @@ def _merge(store, final, items, image_items, config, inputs, model, model_id, pr
             arrays[f"spectra/{name}/k{k}"] = block
         for k, block in attention[name].items():
             arrays[f"attention/{name}/k{k}"] = block
-    attrs = cache.base_attrs(config.to_dict(), inputs)
+    attrs = cache.base_attrs({**config.to_dict(), "decode": decode_settings(config, model)},
+                             inputs)
     attrs.update({
+        "answer_key": answer_key,
+        "checkpoint_dir": str(model.identity.get("checkpoint_dir")),
         "extract_fingerprint": str(extract_attrs.get("fingerprint", "")),
         "model_id": model_id,
         "scorer": config.scorer,
@@ -741,6 +822,89 @@ def _merge(store, final, items, image_items, config, inputs, model, model_id, pr
         "complete": True,
     })
     cache.write_h5_atomic(final, arrays, attrs)
+    return results
+
+
+def sweep_inputs(config: SweepConfig, model, items: list[_Item], extract_attrs: dict) -> dict:
+    """The record of what sweep.h5 is made from; its hash is the file's fingerprint.
+
+    The answers depend on the prompts (their text and token ids), the tokenizer, the model
+    (by :func:`vtkit.model.model_key`), the features and the decoding; the answer key does not,
+    so it stays out (``answer_key`` beside it: a changed key re-scores the stored answers)."""
+    from vtkit.model import model_key
+
+    decode = decode_settings(config, model)
+    prompts = [[it.question.question_id, it.prompt, it.prefix, it.suffix] for it in items]
+    return {
+        "schema_version": cache.SCHEMA_VERSION,
+        "extract_fingerprint": extract_attrs.get("fingerprint"),
+        "model": model_key(model.identity),
+        "tokenizer": model.identity.get("tokenizer_sha256"),
+        "dtype": str(model.identity.get("dtype")),
+        "questions": _digest([it.question.question_id for it in items]),
+        "prompts": _digest(prompts),
+        "tokens": list(config.tokens),
+        "scorer": config.scorer,
+        "conv_mode": config.conv_mode,
+        "single_pred_prompt": config.single_pred_prompt,
+        "temperature": decode["temperature"],
+        "top_k": decode["top_k"],
+        "top_p": decode["top_p"],
+        "seed": config.seed,
+        "max_new_tokens": decode["max_new_tokens"],
+        "keep_attention": config.keep_attention,
+    }
+
+
+def _digest(items) -> str:
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def answer_key_digest(problems: dict, items: list[_Item]) -> str:
+    """Hash of what scoring reads of the selected questions: each one's answer and choices."""
+    return _digest([[it.question.question_id, problems.get(it.question.question_id, {})
+                     .get("answer"), problems.get(it.question.question_id, {}).get("choices")]
+                    for it in items])
+
+
+def score_answers(problems: dict, items: list[_Item], tokens: list[int],
+                  answers: np.ndarray) -> tuple[np.ndarray, list[KResult]]:
+    """``correct`` [n_k, n_q] and per-k accuracy of answers [n_k, n_q], as eval_science_qa.py."""
+    pids = [it.question.question_id for it in items]
+    correct = np.zeros((len(tokens), len(items)), dtype=bool)
+    results = []
+    for r, k in enumerate(tokens):
+        predictions = {it.question.question_id: {"text": answers[r, it.index],
+                                                 "prompt": it.prompt} for it in items}
+        report = score_predictions(problems, pids, predictions)
+        correct_ids = set(report.correct_ids)
+        correct[r] = [pid in correct_ids for pid in pids]
+        results.append(KResult(k, report.total, report.correct, report.accuracy,
+                               report.img_total, report.img_accuracy))
+    return correct, results
+
+
+def rescore(path: Path, problems: dict, items: list[_Item], answer_key: str) -> list[KResult]:
+    """Score the answers stored in a finished sweep.h5 against the current answer key and
+    replace its ``correct`` and ``answer_key`` (on a copy, renamed over the file)."""
+    with h5py.File(path, "r") as f:
+        tokens = f["token_counts"][:].tolist()
+        stored_ids = f["question_ids"].asstr()[:].tolist()
+        answers = f["answers"].asstr()[:].astype(object)
+    if stored_ids != [it.question.question_id for it in items]:
+        raise CacheMismatchError(f"{path} holds other questions; pass --force to recompute it")
+    correct, results = score_answers(problems, items, tokens, answers)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            f["correct"][...] = correct
+            f.attrs["answer_key"] = answer_key
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return results
 
 

@@ -33,7 +33,7 @@ def extract(
     split: SplitOpt = "test",
     num_samples: NumSamplesOpt = -1,
     output_dir: OutputDirOpt = Path("pruning_results"),
-    image_mode: ImageModeOpt = "pad",
+    image_mode: ImageModeOpt = None,
     batch_size: BatchSizeOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = "auto",

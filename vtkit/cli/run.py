@@ -31,6 +31,7 @@ from vtkit.cli.options import (
     TemperatureOpt,
 )
 from vtkit.cli.sweep import KeepAttentionOpt, MaxOpt, MinOpt, StepOpt, TokensOpt, resolve_tokens
+from vtkit.defaults import DEFAULT_THRESHOLD
 
 ThresholdOpt = Annotated[float, typer.Option(
     "--threshold", help="Rank threshold relative to the largest singular value.")]
@@ -55,10 +56,10 @@ def run(
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = 0,
     max_new_tokens: MaxNewTokensOpt = 1024,
-    image_mode: ImageModeOpt = "pad",
+    image_mode: ImageModeOpt = None,
     batch_size: BatchSizeOpt = None,
     keep_attention: KeepAttentionOpt = 2,
-    threshold: ThresholdOpt = 1e-3,
+    threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     dtype: DtypeOpt = None,
     device: DeviceOpt = "auto",
     random_init: RandomInitOpt = False,
@@ -76,24 +77,32 @@ def run(
     from vtkit.parallel import init_ranks
     from vtkit.plot import PlotConfig, make_plots
     from vtkit.rank import RankConfig, compute_ranks
-    from vtkit.sweep import SweepConfig
+    from vtkit.sweep import SweepConfig, check_tokens_fit
     from vtkit.sweep import sweep as run_sweep
 
     reporter = stage_reporter()
-    ranks = init_ranks(device)
-    model = load_model(model_path, model_base, random_init=random_init, dtype=dtype,
-                       device=ranks.device(device))
     common = dict(model_path=model_path, model_base=model_base, base_dir=base_dir,
                   question_file=question_file, image_folder=image_folder, split=split,
                   num_samples=num_samples, output_dir=output_dir, dtype=dtype, device=device,
                   random_init=random_init, force=force)
-    extract(ExtractConfig(**common, image_mode=image_mode, batch_size=batch_size, seed=seed),
-            reporter, model=model)
-    run_sweep(SweepConfig(
+    extract_config = ExtractConfig(**common, image_mode=image_mode, batch_size=batch_size,
+                                   seed=seed)
+    sweep_config = SweepConfig(
         **common, tokens=resolve_tokens(min_tokens, max_tokens, step, tokens), scorer=scorer,
         conv_mode=conv_mode, single_pred_prompt=single_pred_prompt, temperature=temperature,
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        keep_attention=keep_attention), reporter, model=model)
+        keep_attention=keep_attention)
+    rank_config = RankConfig(output_dir=output_dir, threshold=threshold)
+    # Every flag, and the grid against the checkpoint's patch count, before any model work.
+    extract_config.validate()
+    sweep_config.validate()
+    rank_config.validate()
+    check_tokens_fit(sweep_config)
+    ranks = init_ranks(device)
+    model = load_model(model_path, model_base, random_init=random_init, dtype=dtype,
+                       device=ranks.device(device))
+    extract(extract_config, reporter, model=model)
+    run_sweep(sweep_config, reporter, model=model)
     if ranks.is_main:
-        compute_ranks(RankConfig(output_dir=output_dir, threshold=threshold), reporter)
+        compute_ranks(rank_config, reporter)
         make_plots(PlotConfig(output_dir=output_dir), reporter)
