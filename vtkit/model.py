@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtkit.cache import set_file_modes, write_json_atomic
 from vtkit.errors import DataError, UsageError
 from vtkit.images import CLIP_MEAN, CLIP_STD
 
@@ -380,9 +381,27 @@ def _read_tensors(files: Iterable[Path], prefix: str) -> dict[str, torch.Tensor]
                     if key.startswith(prefix):
                         found[key] = handle.get_tensor(key)
         else:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state = load_torch_file(path, mmap=True)
             found.update({k: v for k, v in state.items() if k.startswith(prefix)})
     return found
+
+
+def load_torch_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A torch ``.bin`` state dict, unpickled with ``weights_only=True``: a file that holds
+    anything but tensors and plain containers (which could run code) is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: refused to load: it holds Python objects besides tensors, and "
+                        "unpickling them could run code; use a safetensors copy of the weights "
+                        "or one from a source you trust, re-saved as a plain state dict") from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        if mmap and "mmap" in str(error):     # a legacy (non-zip) torch file cannot be mapped
+            return load_torch_file(path)
+        raise DataError(f"{path}: not a readable torch weights file "
+                        f"({' '.join(str(error).split())[:200]})") from None
 
 
 def _projector_state(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
@@ -406,7 +425,7 @@ def read_non_lora_trainables(lora_dir: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"{lora_dir}: no non_lora_trainables.bin (LLaVA LoRA checkpoints keep the "
                         "projector there)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path)
     state = {k.removeprefix("base_model."): v for k, v in state.items()}
     if any(k.startswith("model.model.") for k in state):
         state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -895,8 +914,8 @@ def write_processor_configs(directory: Path, *, image_size: int, patch_size: int
         "image_token": IMAGE_TOKEN, "num_additional_image_tokens": 1, "patch_size": patch_size,
         "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "default",
     }
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    (directory / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    write_json_atomic(directory / "preprocessor_config.json", preprocessor)
+    write_json_atomic(directory / "processor_config.json", processor)
 
 
 def _stored_dtype(checkpoint_dir: Path, config: dict[str, Any]) -> torch.dtype:
@@ -935,6 +954,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path,
     with _quiet_transformers():
         model.hf.save_pretrained(dst)
         tokenizer.save_pretrained(dst)
+    set_file_modes(dst)
     write_processor_configs(dst, image_size=model.image_size, patch_size=model.patch_size,
                             mean=model.image_mean, std=model.image_std)
     return dst

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from vtkit.errors import VtkitError
+from vtkit.errors import VtkitError, os_error_message
 
 #: Progress bars, tables and messages: stderr, so stdout stays clean for ``--json``.
 console = Console(stderr=True)
@@ -34,7 +35,9 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 def handles_errors(command: Callable) -> Callable:
     """Wrap a command so a :class:`VtkitError` becomes one line on stderr and its exit code.
 
-    ``VTKIT_DEBUG=1`` lets the exception through with its traceback.
+    An OS error that no stage turned into a VtkitError (a file it could not read or write,
+    HDF5's errors among them) becomes one line the same way, exit 1. ``VTKIT_DEBUG=1`` lets the
+    exception through with its traceback.
     """
 
     @functools.wraps(command)
@@ -45,6 +48,26 @@ def handles_errors(command: Callable) -> Callable:
             if os.environ.get("VTKIT_DEBUG"):
                 raise
             raise fail(str(error), error.exit_code) from None
+        except OSError as error:
+            if os.environ.get("VTKIT_DEBUG"):
+                raise
+            raise fail(os_error_message(error, action="use"), 1) from None
+
+    return wrapper
+
+
+def locks_output_dir(command: Callable) -> Callable:
+    """Hold the command's ``output_dir`` (one writer per directory, :func:`vtkit.cache.
+    output_lock`) for the whole command, from before the model loads."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from vtkit.cache import output_lock
+
+        bound = inspect.signature(command).bind(*args, **kwargs)
+        bound.apply_defaults()
+        with output_lock(bound.arguments["output_dir"]):
+            return command(*args, **kwargs)
 
     return wrapper
 

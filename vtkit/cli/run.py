@@ -30,6 +30,7 @@ from vtkit.cli.options import (
     SplitOpt,
     TemperatureOpt,
 )
+from vtkit.cli.output import locks_output_dir
 from vtkit.cli.progress import stage_reporter
 from vtkit.cli.sweep import KeepAttentionOpt, MaxOpt, MinOpt, StepOpt, TokensOpt, resolve_tokens
 from vtkit.extract import ExtractConfig, extract
@@ -43,6 +44,7 @@ ThresholdOpt = Annotated[float, typer.Option(
     "--threshold", help="Rank threshold relative to the largest singular value.")]
 
 
+@locks_output_dir
 def run(
     model_path: ModelPathOpt = DEFAULT_MODEL,
     model_base: ModelBaseOpt = None,
