@@ -404,6 +404,23 @@ def load_torch_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
                         f"({' '.join(str(error).split())[:200]})") from None
 
 
+@contextlib.contextmanager
+def _refusing_pickles(*directories: Path) -> Iterator[None]:
+    """transformers unpickles ``.bin`` files with ``weights_only=True`` too, and refuses the same
+    files; find the refused one, so the message can name it."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError:
+        for directory in directories:
+            for path in sorted(Path(directory).glob("*.bin")):
+                load_torch_file(path, mmap=True)    # raises the DataError naming the file
+        raise DataError(f"{', '.join(map(str, directories))}: refused to load a weights file that "
+                        "holds Python objects besides tensors (unpickling them could run "
+                        "code)") from None
+
+
 def _projector_state(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """``model.mm_projector.{0,2}.*`` -> the ``linear_{1,2}.*`` names of transformers' projector."""
     state = {}
@@ -719,7 +736,7 @@ def _load_original(checkpoint_dir: Path, config: dict[str, Any], device: torch.d
     _check_original_config(checkpoint_dir, config)
     llava_config, clip_dir = _original_llava_config(checkpoint_dir, config, allow_builtin=False)
     placement = {"dtype": dtype, "device_map": {"": str(device)}}
-    with _quiet_transformers():
+    with _quiet_transformers(), _refusing_pickles(clip_dir, base_dir or checkpoint_dir):
         vision_tower = CLIPVisionModel.from_pretrained(clip_dir, **placement)
         causal_lm = LlamaForCausalLM.from_pretrained(
             base_dir or checkpoint_dir, config=llava_config.text_config, **placement)
@@ -759,7 +776,7 @@ def _apply_lora(causal_lm: nn.Module, lora_dir: Path) -> dict[str, torch.Tensor]
 def _merge_lora(causal_lm: nn.Module, lora_dir: Path) -> nn.Module:
     from peft import PeftModel
 
-    with _quiet_transformers():
+    with _quiet_transformers(), _refusing_pickles(lora_dir):
         try:
             adapted = PeftModel.from_pretrained(causal_lm, str(lora_dir))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
@@ -770,7 +787,7 @@ def _merge_lora(causal_lm: nn.Module, lora_dir: Path) -> nn.Module:
 def _load_hf(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
     from transformers import LlavaForConditionalGeneration
 
-    with _quiet_transformers():
+    with _quiet_transformers(), _refusing_pickles(checkpoint_dir):
         try:
             return LlavaForConditionalGeneration.from_pretrained(
                 checkpoint_dir, dtype=dtype, device_map={"": str(device)})
