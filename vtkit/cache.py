@@ -7,6 +7,10 @@ the directory holds the fingerprint of the inputs; a re-run with other inputs is
 message naming what changed. When every part is there the stage merges them into the final
 file, again through a temporary name, and only then removes the parts. A final file therefore
 never reads as complete unless it is.
+
+Every file vtkit writes goes through :func:`atomic_path` (a temporary name unique to the process
+and the write; a failed write leaves nothing and becomes one line naming the file), and every
+stage holds :func:`output_lock` on its output directory: one writer per directory.
 """
 
 from __future__ import annotations
@@ -367,8 +371,12 @@ def output_lock(directory: Path, create: bool = True) -> Iterator[None]:
         _held[key][1] -= 1
         if not _held[key][1]:
             fd = _held.pop(key)[0]
-            # Unlink while still locked: a waiting process then sees another inode and retries.
-            (directory / LOCK_FILE).unlink(missing_ok=True)
+            # Unlink while still locked: a process that opened it meanwhile sees another inode
+            # and retries. A lock file that cannot be removed is harmless (only the flock counts).
+            try:
+                (directory / LOCK_FILE).unlink(missing_ok=True)
+            except OSError:
+                pass
             os.close(fd)
 
 
