@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vtkit import cache
 from vtkit.errors import UsageError
 from vtkit.progress import PhaseTimer, Reporter
 from vtkit.pruning import gather_rows, l2_scores, token_grid, top_k_raster
@@ -267,7 +268,7 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
         "speedup_over_seed_style": seed_full / projected,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    cache.write_json_atomic(out / "bench.json", result)
     reporter.table(f"vtkit bench: {config.shape} on {result['device']}", ["measure", "value"], [
         ["bf16/fp16 matmul peak (TFLOP/s)", result["matmul_peak_tflops"]],
         ["vision + extract (images/s)", result["vision_images_per_s"]],

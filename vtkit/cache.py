@@ -7,15 +7,25 @@ the directory holds the fingerprint of the inputs; a re-run with other inputs is
 message naming what changed. When every part is there the stage merges them into the final
 file, again through a temporary name, and only then removes the parts. A final file therefore
 never reads as complete unless it is.
+
+Every file vtkit writes goes through :func:`atomic_path` (a temporary name unique to the process
+and the write; a failed write leaves nothing and becomes one line naming the file), and every
+stage holds :func:`output_lock` on its output directory: one writer per directory.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import json
 import os
+import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+import socket
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +33,19 @@ import h5py
 import numpy as np
 
 from vtkit import __version__
-from vtkit.errors import CacheMismatchError, DataError
+from vtkit.errors import (
+    CacheMismatchError,
+    DataError,
+    LockedError,
+    StorageError,
+    os_error_message,
+)
 
 #: 2: features.h5 holds each image's sha256 (not its size and mtime); the fingerprints compare
 #: models by weights, not by path; sweep.h5 carries the answer key's hash.
 SCHEMA_VERSION = 2
+#: What survives a failed write of a stage, for its error message.
+PARTS_KEPT = "finished parts are kept"
 STRING = h5py.string_dtype("utf-8")
 
 
@@ -50,6 +68,32 @@ def mismatch_message(path: Path, old: Mapping[str, Any], new: Mapping[str, Any],
     return f"{path} was made from other inputs (changed: {changed}); {hint}"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Mode of every file vtkit writes: what a plain open() gives (0644 under the usual umask 022).
+#: Read once at import, since os.umask cannot be read without setting it.
+FILE_MODE = 0o666 & ~_current_umask()
+
+#: Temporary files are named ``.<name>.tmp-<pid>-<token>``: unique per process and per write.
+TEMP_MARK = ".tmp-"
+
+
+def temporary_name(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other process or write uses."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_temporary(path: Path) -> bool:
+    """A temporary file of an atomic write (or of an older vtkit's fixed ``.tmp``/``.part``)."""
+    name = path.name
+    return (name.startswith(".") and (TEMP_MARK in name or name.endswith(".tmp"))) \
+        or name.endswith(".json.part")
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -63,16 +107,130 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path, kept: str = "") -> Iterator[Path]:
+    """Write ``path`` whole or not at all: yield a temporary name to write, then fsync it, give
+    it :data:`FILE_MODE`, rename it to ``path`` and fsync the directory.
+
+    On any failure the temporary file is removed; an OS error becomes a :class:`StorageError`
+    naming ``path`` and what to do (``kept`` says what survives, e.g. "finished parts are kept").
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(error, OSError):
+            raise StorageError(os_error_message(error, path, kept=kept)) from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes, kept: str = "") -> None:
+    with atomic_path(path, kept) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: Path, text: str, kept: str = "") -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), kept)
+
+
+def write_json_atomic(path: Path, document: Any, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(document, indent=indent) + "\n")
+
+
+def set_file_modes(directory: Path) -> None:
+    """Give the files in ``directory`` :data:`FILE_MODE`, for writers that do not (safetensors
+    creates its files 0600, so transformers' ``save_pretrained`` does too)."""
+    for path in Path(directory).iterdir():
+        if path.is_file():
+            os.chmod(path, FILE_MODE)
+
+
+class _GuardedFile:
+    """The file object HDF5 writes through (h5py's ``fileobj`` driver).
+
+    The first failed write (no space, size limit, I/O error) is kept and every later write is
+    dropped, so HDF5 finishes and closes the file without an error; :func:`atomic_h5` then raises
+    the kept error. A close that fails inside HDF5 leaves its datasets half closed, and freeing
+    them later crashed the process (a segfault during the extract merge on a full disk).
+    """
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        while self.error is None and view:
+            try:
+                view = view[self.raw.write(view):]
+            except OSError as error:
+                self.error = error
+        return memoryview(data).nbytes
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                self.raw.truncate(size)
+            except OSError as error:
+                self.error = error
+        return size if size is not None else self.raw.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+@contextmanager
+def atomic_h5(path: Path, kept: str = "", rdcc_nbytes: int | None = None,
+              ) -> Iterator[h5py.File]:
+    """An HDF5 file written through :func:`atomic_path`: yield it open for writing; it appears
+    at ``path`` only once it is closed and complete."""
+    with atomic_path(path, kept) as tmp, open(tmp, "w+b", buffering=0) as raw:
+        guard = _GuardedFile(raw)
+        options = {} if rdcc_nbytes is None else {"rdcc_nbytes": rdcc_nbytes}
+        with h5py.File(guard, "w", **options) as handle:
+            yield handle
+        if guard.error is not None:
+            raise guard.error
+
+
 def write_h5_atomic(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any],
-                    compression: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """Write an HDF5 file whole or not at all: temporary name, flush, fsync, rename.
+                    compression: Mapping[str, Mapping[str, Any]] | None = None,
+                    kept: str = "") -> None:
+    """Write an HDF5 file whole or not at all (see :func:`atomic_h5`).
 
     ``arrays`` maps dataset paths ("spectra/first_layer/k20") to arrays or lists of strings;
     ``compression`` optionally maps a dataset path to h5py create_dataset keyword arguments.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
+    with atomic_h5(path, kept) as f:
         for key, value in attrs.items():
             f.attrs[key] = value
         for name, value in arrays.items():
@@ -83,21 +241,18 @@ def write_h5_atomic(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, A
                 f.create_dataset(name, data=value, dtype=STRING)
             else:
                 f.create_dataset(name, data=value, **kwargs)
-        f.flush()
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Path, document: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def check_free_space(directory: Path, needed: int, what: Path, kept: str = "") -> None:
+    """Refuse up front when ``directory`` has less than ``needed`` bytes free for ``what``."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < needed:
+        raise StorageError(f"not enough space to write {what}: it needs up to "
+                           f"{needed / 1e6:.1f} MB and {directory} has {free / 1e6:.1f} MB free; "
+                           f"free space and re-run" + (f": {kept}" if kept else ""))
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
@@ -135,6 +290,114 @@ def stored_inputs(attrs: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
 
+# ---------------------------------------------------------------------------------------------
+# One writer per output directory
+
+LOCK_FILE = ".vtkit.lock"
+_held: dict[Path, list] = {}   # resolved directory -> [file descriptor, depth]
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        owner = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        owner = {}
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+
+
+def _acquire(directory: Path, command: str) -> int:
+    path = directory / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(f"{directory} is in use by vtkit ({_lock_owner(path)}); wait for "
+                              f"it to finish or choose another --output-dir") from None
+        except OSError:
+            return fd      # a filesystem without locks: go on unlocked rather than refuse
+        # The previous holder may have removed the file between our open and our lock.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps(owner) + "\n").encode())
+    return fd
+
+
+def _remove_orphans(directory: Path) -> None:
+    """Temporary files of killed writes: nobody else writes here while the lock is held."""
+    folders = [directory, directory / "answers", *directory.glob("*.parts")]
+    for folder in folders:
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if is_temporary(path) and path.is_file():
+                    path.unlink(missing_ok=True)
+
+
+@contextmanager
+def output_lock(directory: Path, create: bool = True) -> Iterator[None]:
+    """Hold the output directory for this process: one writer per directory.
+
+    The lock is an flock on ``<directory>/.vtkit.lock``, which holds the owner's pid, host and
+    command as JSON. A second process stops at once with a :class:`LockedError` naming the
+    owner; the lock of a killed process goes with it, so the next run simply takes it. Nested
+    holds in one process (``vtkit run`` calls the stages) count up and down. Under torchrun only
+    rank 0 holds it (the ranks share the directory). Taking the lock also proves the directory
+    writable, before any model loads, and removes temporary files left by killed writes.
+    ``create=False`` (stages that only read before writing) skips a directory that does not exist.
+    """
+    directory = Path(directory)
+    if int(os.environ.get("RANK", "0")) != 0 or (not create and not directory.is_dir()):
+        yield
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        key = directory.resolve()
+        if key in _held:
+            _held[key][1] += 1
+        else:
+            _held[key] = [_acquire(directory, " ".join(sys.argv) or "python"), 1]
+            _remove_orphans(directory)
+    except OSError as error:
+        raise StorageError(os_error_message(error, directory)) from None
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if not _held[key][1]:
+            fd = _held.pop(key)[0]
+            # Unlink while still locked: a process that opened it meanwhile sees another inode
+            # and retries. A lock file that cannot be removed is harmless (only the flock counts).
+            try:
+                (directory / LOCK_FILE).unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def holds_output_lock(stage: Callable | None = None, *, create: bool = True) -> Callable:
+    """Decorate a stage ``fn(config, ...)`` to run under :func:`output_lock` of
+    ``config.output_dir``. A config with a ``validate()`` method is checked first, so a bad flag
+    stops before anything in the directory is touched."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(config, *args, **kwargs):
+            if hasattr(config, "validate"):
+                config.validate()
+            with output_lock(config.output_dir, create=create):
+                return fn(config, *args, **kwargs)
+        return wrapper
+
+    return decorate(stage) if stage is not None else decorate
+
+
 class PartStore:
     """The directory of part files a stage writes while it works (see the module docstring)."""
 
@@ -168,7 +431,7 @@ class PartStore:
     def write(self, name: str, arrays: Mapping[str, Any], attrs: Mapping[str, Any] | None = None,
               ) -> Path:
         path = self.directory / f"{name}.h5"
-        write_h5_atomic(path, arrays, dict(attrs or {}))
+        write_h5_atomic(path, arrays, dict(attrs or {}), kept=PARTS_KEPT)
         return path
 
     def parts(self) -> Iterator[Path]:
@@ -176,6 +439,10 @@ class PartStore:
         if not self.directory.is_dir():
             return iter(())
         return iter(sorted(p for p in self.directory.glob("*.h5") if not p.name.startswith(".")))
+
+    def size(self) -> int:
+        """Bytes of the finished parts: an upper bound for the merged file (which compresses)."""
+        return sum(p.stat().st_size for p in self.parts())
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

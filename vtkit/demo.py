@@ -18,7 +18,6 @@ the first n problems of a split are the same for any larger n.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -519,6 +518,7 @@ def write_demo_model(out_dir: Path) -> dict[str, Path]:
     # torch is only needed for the checkpoints; generating data should not pay for importing it.
     import torch
 
+    from vtkit.cache import write_bytes_atomic
     from vtkit.errors import DataError
     from vtkit.model import load_model
     from vtkit.tiny import save_tiny_checkpoints
@@ -530,7 +530,7 @@ def write_demo_model(out_dir: Path) -> dict[str, Path]:
     paths = save_tiny_checkpoints(model.hf, out_dir)
     record = DEMO_MODEL_DIR / TRAINING_RECORD
     if record.is_file():
-        shutil.copyfile(record, paths["hf"] / TRAINING_RECORD)
+        write_bytes_atomic(paths["hf"] / TRAINING_RECORD, record.read_bytes())
     return paths
 
 
@@ -541,7 +541,10 @@ def _random_checkpoints(out_dir: Path, seed: int) -> dict[str, Path]:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    # Imported here: nothing else in writing the demo data needs vtkit.cache's h5py.
+    from vtkit.cache import write_json_atomic
+
+    write_json_atomic(path, obj, indent=2)
 
 
 def chance_accuracy(problems: Mapping[str, dict], pids: Iterable[str]) -> float:

@@ -163,6 +163,7 @@ def _feature_dtype(model_dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float32) if model_dtype == torch.float32 else np.dtype(np.float16)
 
 
+@cache.holds_output_lock
 def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None) -> ExtractResult:
     """Compute (or resume, or confirm) the features cache ``<output_dir>/features.h5``."""
     reporter = reporter or Reporter()
@@ -279,8 +280,9 @@ def _merge(store, final, questions, hashes, model, config, inputs, feature_dtype
     """Gather the parts into the final file in question order, through a temporary name."""
     index = {q.question_id: i for i, q in enumerate(questions)}
     n, num_patches = len(questions), model.num_patches
-    tmp = final.with_name(f".{final.name}.tmp")
-    with h5py.File(tmp, "w") as out:
+    cache.check_free_space(final.parent, store.size(), final, cache.PARTS_KEPT)
+    # Each row is written as one whole chunk: no chunk cache needed (none to flush at close).
+    with cache.atomic_h5(final, cache.PARTS_KEPT, rdcc_nbytes=0) as out:
         attrs = cache.base_attrs(config.to_dict(), inputs)
         attrs.update({
             "model_id": str(model.identity.get("model_path")),
@@ -322,6 +324,3 @@ def _merge(store, final, questions, hashes, model, config, inputs, feature_dtype
             raise DataError(f"{store.directory}: parts are missing questions "
                             f"{', '.join(missing[:10])}; re-run vtkit extract")
         out.attrs["complete"] = True
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtkit.cache import set_file_modes, write_json_atomic
 from vtkit.errors import DataError, UsageError
 from vtkit.images import CLIP_MEAN, CLIP_STD
 
@@ -411,9 +412,44 @@ def _read_tensors(files: Iterable[Path], prefix: str) -> dict[str, torch.Tensor]
                     if key.startswith(prefix):
                         found[key] = handle.get_tensor(key)
         else:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state = load_torch_file(path, mmap=True)
             found.update({k: v for k, v in state.items() if k.startswith(prefix)})
     return found
+
+
+def load_torch_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A torch ``.bin`` state dict, unpickled with ``weights_only=True``: a file that holds
+    anything but tensors and plain containers (which could run code) is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: refused to load: it holds Python objects besides tensors, and "
+                        "unpickling them could run code; use a safetensors copy of the weights "
+                        "or one from a source you trust, re-saved as a plain state dict") from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        if mmap and "mmap" in str(error):     # a legacy (non-zip) torch file cannot be mapped
+            return load_torch_file(path)
+        raise DataError(f"{path}: not a readable torch weights file "
+                        f"({' '.join(str(error).split())[:200]})") from None
+
+
+@contextlib.contextmanager
+def _refusing_pickles(*directories: Path) -> Iterator[None]:
+    """transformers unpickles ``.bin`` files with ``weights_only=True`` too, and refuses the same
+    files; find the refused one, so the message can name it."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError:
+        for directory in directories:
+            for path in sorted(Path(directory).glob("*.bin")):
+                load_torch_file(path, mmap=True)    # raises the DataError naming the file
+        raise DataError(f"{', '.join(map(str, directories))}: refused to load a weights file that "
+                        "holds Python objects besides tensors (unpickling them could run "
+                        "code)") from None
 
 
 def _projector_state(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
@@ -437,7 +473,7 @@ def read_non_lora_trainables(lora_dir: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"{lora_dir}: no non_lora_trainables.bin (LLaVA LoRA checkpoints keep the "
                         "projector there)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path)
     state = {k.removeprefix("base_model."): v for k, v in state.items()}
     if any(k.startswith("model.model.") for k in state):
         state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -733,7 +769,7 @@ def _load_original(checkpoint_dir: Path, config: dict[str, Any], device: torch.d
     _check_original_config(checkpoint_dir, config)
     llava_config, clip_dir = _original_llava_config(checkpoint_dir, config, allow_builtin=False)
     placement = {"dtype": dtype, "device_map": {"": str(device)}}
-    with _quiet_transformers():
+    with _quiet_transformers(), _refusing_pickles(clip_dir, base_dir or checkpoint_dir):
         vision_tower = CLIPVisionModel.from_pretrained(clip_dir, **placement)
         causal_lm = LlamaForCausalLM.from_pretrained(
             base_dir or checkpoint_dir, config=llava_config.text_config, **placement)
@@ -773,7 +809,7 @@ def _apply_lora(causal_lm: nn.Module, lora_dir: Path) -> dict[str, torch.Tensor]
 def _merge_lora(causal_lm: nn.Module, lora_dir: Path) -> nn.Module:
     from peft import PeftModel
 
-    with _quiet_transformers():
+    with _quiet_transformers(), _refusing_pickles(lora_dir):
         try:
             adapted = PeftModel.from_pretrained(causal_lm, str(lora_dir))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
@@ -784,7 +820,7 @@ def _merge_lora(causal_lm: nn.Module, lora_dir: Path) -> nn.Module:
 def _load_hf(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
     from transformers import LlavaForConditionalGeneration
 
-    with _quiet_transformers():
+    with _quiet_transformers(), _refusing_pickles(checkpoint_dir):
         try:
             return LlavaForConditionalGeneration.from_pretrained(
                 checkpoint_dir, dtype=dtype, device_map={"": str(device)})
@@ -968,8 +1004,8 @@ def write_processor_configs(directory: Path, *, image_size: int, patch_size: int
         "image_token": IMAGE_TOKEN, "num_additional_image_tokens": 1, "patch_size": patch_size,
         "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "default",
     }
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    (directory / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    write_json_atomic(directory / "preprocessor_config.json", preprocessor)
+    write_json_atomic(directory / "processor_config.json", processor)
 
 
 def _stored_dtype(checkpoint_dir: Path, config: dict[str, Any]) -> torch.dtype:
@@ -1008,6 +1044,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path,
     with _quiet_transformers():
         model.hf.save_pretrained(dst)
         tokenizer.save_pretrained(dst)
+    set_file_modes(dst)
     write_processor_configs(dst, image_size=model.image_size, patch_size=model.patch_size,
                             mean=model.image_mean, std=model.image_std)
     return dst

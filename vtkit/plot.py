@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vtkit import __version__
+from vtkit import __version__, cache
 from vtkit.errors import CacheMismatchError, DataError
 from vtkit.progress import Reporter
 from vtkit.rank import LAYERS, RANKS_FILE, SWEEP_FILE, open_sweep, sweep_meta
@@ -164,6 +164,7 @@ def _rounded(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=np.float64)]
 
 
+@cache.holds_output_lock(create=False)
 def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResult:
     """Write the results JSON files and figures of one run (see the module docstring).
 
@@ -233,9 +234,7 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> Path:
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    partial.replace(path)
+    cache.write_json_atomic(path, document, indent=2)
     return path
 
 
@@ -386,6 +385,8 @@ def _save(figure: Figure, stem: Path) -> list[Path]:
     """Write ``stem.png`` (DPI) and ``stem.pdf``; the PDF carries no creation date, so the same
     inputs give the same bytes."""
     png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
-    figure.savefig(png, dpi=DPI)
-    figure.savefig(pdf, metadata={"CreationDate": None})
+    with cache.atomic_path(png) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+    with cache.atomic_path(pdf) as tmp:
+        figure.savefig(tmp, format="pdf", metadata={"CreationDate": None})
     return [png, pdf]

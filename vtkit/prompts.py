@@ -174,7 +174,7 @@ def write_prompts(config: PromptsConfig) -> list[PromptRecord]:
                                    config.single_pred_prompt)
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(asdict(record)) + "\n")
+    from vtkit.cache import write_text_atomic
+
+    write_text_atomic(output, "".join(json.dumps(asdict(record)) + "\n" for record in records))
     return records

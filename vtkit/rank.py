@@ -15,7 +15,6 @@ Definitions (see docs/rank.md):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vtkit import __version__
+from vtkit import __version__, cache
 from vtkit.cache import SCHEMA_VERSION
 from vtkit.defaults import DEFAULT_THRESHOLD
 from vtkit.errors import DataError, UsageError
@@ -294,6 +293,7 @@ def _check_spectra(handle: h5py.File, token_counts: list[int], reporter: Reporte
     return check
 
 
+@cache.holds_output_lock(create=False)
 def compute_ranks(config: RankConfig, reporter: Reporter | None = None) -> RankResult:
     """Read ``sweep.h5`` in ``config.output_dir``, compute ranks, write ``ranks.json``.
 
@@ -339,10 +339,8 @@ def compute_ranks(config: RankConfig, reporter: Reporter | None = None) -> RankR
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    """Write via a temporary file so a reader never sees half a document."""
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(document, indent=1) + "\n")
-    partial.replace(path)
+    """Write atomically, so a reader never sees half a document."""
+    cache.write_json_atomic(path, document, indent=1)
 
 
 def _report(result: RankResult, reporter: Reporter) -> None:

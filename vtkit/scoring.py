@@ -248,10 +248,11 @@ def write_llava_results(report: ScoreReport, problems: dict[str, dict],
 
 
 def _dump(document: Any, path: Path | str) -> None:
+    from vtkit.cache import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2)
+    write_text_atomic(path, json.dumps(document, indent=2))
 
 
 def score_answers(answers_file: Path | str, base_dir: Path | str, split: str = "test",

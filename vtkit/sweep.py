@@ -471,6 +471,7 @@ def _load_extract_cache(path: Path, image_items: list[_Item], model) -> dict:
     return attrs
 
 
+@cache.holds_output_lock
 def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
           timer: PhaseTimer | NullTimer | None = None) -> SweepResult:
     """Run (or resume, or confirm) the sweep into ``<output_dir>/sweep.h5``.
@@ -780,6 +781,7 @@ def _merge(store, final, items, image_items, config, inputs, model, model_id, pr
         raise DataError(f"{store.directory}: {missing} (question, k) results are missing; "
                         f"re-run vtkit sweep")
 
+    cache.check_free_space(final.parent, store.size(), final, cache.PARTS_KEPT)
     answers_dir = Path(final).parent / ANSWERS_DIR
     answers_dir.mkdir(exist_ok=True)
     fingerprint = cache.fingerprint(inputs)
@@ -791,10 +793,8 @@ def _merge(store, final, items, image_items, config, inputs, model, model_id, pr
             "text": answers[r, it.index], "answer_id": _answer_id(fingerprint, pids[it.index], k),
             "model_id": model_id, "metadata": {"k": k, "scorer": config.scorer},
         }) for it in items]
-        target = answers_dir / f"k{k}.jsonl"
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, target)
+        cache.write_text_atomic(answers_dir / f"k{k}.jsonl", "\n".join(lines) + "\n",
+                                cache.PARTS_KEPT)
 
     arrays: dict = {
         "token_counts": np.asarray(config.tokens, dtype=np.int32),
@@ -821,7 +821,7 @@ def _merge(store, final, items, image_items, config, inputs, model, model_id, pr
         "hidden_size": int(model.hidden_size),
         "complete": True,
     })
-    cache.write_h5_atomic(final, arrays, attrs)
+    cache.write_h5_atomic(final, arrays, attrs, kept=cache.PARTS_KEPT)
     return results
 
 

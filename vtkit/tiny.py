@@ -24,12 +24,13 @@ The tokenizer in ``vtkit/assets/tiny-tokenizer/`` was made once by :func:`train_
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from vtkit import cache
 
 #: Where the tiny tokenizer lives inside the package.
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny-tokenizer"
@@ -172,7 +173,7 @@ def train_tiny_tokenizer(out_dir: Path = TOKENIZER_DIR, corpus: Iterable[str] | 
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    cache.write_bytes_atomic(out_dir / "tokenizer.model", model.getvalue())
     _write_json(out_dir / "tokenizer_config.json", _llama_tokenizer_config(pad_token=None))
     return out_dir
 
@@ -295,13 +296,15 @@ def save_tiny_checkpoints(model, out_dir: Path) -> dict[str, Path]:
 
     with _quiet_transformers():
         model.save_pretrained(paths["hf"])
+    cache.set_file_modes(paths["hf"])
     _copy_tokenizer(paths["hf"], _llava_hf_tokenizer_config(sp_vocab))
     write_processor_configs(paths["hf"], image_size=vision.image_size,
                             patch_size=vision.patch_size)
 
     weights, clip_weights = original_layout_state_dicts(model)
     clip_weights = {k: v.contiguous() for k, v in clip_weights.items()}
-    save_file(clip_weights, str(paths["clip"] / "model.safetensors"), metadata={"format": "pt"})
+    with cache.atomic_path(paths["clip"] / "model.safetensors") as tmp:
+        save_file(clip_weights, str(tmp), metadata={"format": "pt"})
     _write_json(paths["clip"] / "config.json",
                 {"architectures": ["CLIPVisionModel"], **vision.to_dict(),
                  "model_type": "clip_vision_model"})
@@ -325,7 +328,8 @@ def _write_original(directory: Path, weights: dict[str, torch.Tensor], config,
     shards = {"pytorch_model-00001-of-00002.bin": first,
               "pytorch_model-00002-of-00002.bin": second}
     for name, shard in shards.items():
-        torch.save(shard, directory / name)
+        with cache.atomic_path(directory / name) as tmp:
+            torch.save(shard, tmp)
     _write_json(directory / "pytorch_model.bin.index.json", {
         "metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
         "weight_map": {k: name for name, shard in shards.items() for k in sorted(shard)},
@@ -370,12 +374,13 @@ def _llava_hf_tokenizer_config(sp_vocab: int) -> dict:
 
 
 def _copy_tokenizer(directory: Path, tokenizer_config: dict) -> None:
-    shutil.copyfile(TOKENIZER_DIR / "tokenizer.model", directory / "tokenizer.model")
+    with cache.atomic_path(directory / "tokenizer.model") as tmp:
+        shutil.copyfile(TOKENIZER_DIR / "tokenizer.model", tmp)
     _write_json(directory / "tokenizer_config.json", tokenizer_config)
 
 
 def _write_json(path: Path, document: dict) -> None:
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    cache.write_json_atomic(path, document, indent=2)
 
 
 def write_config_checkpoint(directory: Path, config) -> Path:

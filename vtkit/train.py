@@ -28,7 +28,6 @@ demo's test split, and everything is recorded in ``training.json`` next to the H
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vtkit import __version__
+from vtkit import __version__, cache
 from vtkit.data import build_question_entries, question_from_entry
 from vtkit.demo import (
     CELL,
@@ -723,13 +722,13 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
         "saved_dtype": config.save_dtype,
     }
     # Written before the measurement too, so a failed measurement still leaves the record.
-    (paths["hf"] / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    cache.write_json_atomic(paths["hf"] / TRAINING_RECORD, record)
     if config.n_eval:
         record["evaluation"] = evaluate_checkpoint(paths["hf"], n_test=config.n_eval,
                                                    seed=config.seed, device=device,
                                                    reporter=reporter)
         record["seconds"] = round(time.perf_counter() - started, 1)
-        (paths["hf"] / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        cache.write_json_atomic(paths["hf"] / TRAINING_RECORD, record)
     return TrainResult(paths, record, time.perf_counter() - started)
 
 

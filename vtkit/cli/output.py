@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from vtkit.errors import VtkitError
+from vtkit.errors import VtkitError, os_error_message
 
 #: Progress bars, tables and messages: stderr, so stdout stays clean for ``--json``.
 console = Console(stderr=True)
@@ -34,7 +34,9 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 def handles_errors(command: Callable) -> Callable:
     """Wrap a command so a :class:`VtkitError` becomes one line on stderr and its exit code.
 
-    ``VTKIT_DEBUG=1`` lets the exception through with its traceback.
+    An OS error that no stage turned into a VtkitError (a file it could not read or write,
+    HDF5's errors among them) becomes one line the same way, exit 1. ``VTKIT_DEBUG=1`` lets the
+    exception through with its traceback.
     """
 
     @functools.wraps(command)
@@ -45,6 +47,10 @@ def handles_errors(command: Callable) -> Callable:
             if os.environ.get("VTKIT_DEBUG"):
                 raise
             raise fail(str(error), error.exit_code) from None
+        except OSError as error:
+            if os.environ.get("VTKIT_DEBUG"):
+                raise
+            raise fail(os_error_message(error, action="use"), 1) from None
 
     return wrapper
 

@@ -71,6 +71,7 @@ def run(
     liuhaotian/llava-v1.5-7b --base-dir ScienceQA --conv-mode llava_v1 --temperature 0.2
     --question-file ScienceQA/llava_test_QCM-LEA.json
     """
+    from vtkit.cache import output_lock
     from vtkit.cli.progress import stage_reporter
     from vtkit.extract import ExtractConfig, extract
     from vtkit.model import load_model
@@ -98,11 +99,13 @@ def run(
     sweep_config.validate()
     rank_config.validate()
     check_tokens_fit(sweep_config)
-    ranks = init_ranks(device)
-    model = load_model(model_path, model_base, random_init=random_init, dtype=dtype,
-                       device=ranks.device(device))
-    extract(extract_config, reporter, model=model)
-    run_sweep(sweep_config, reporter, model=model)
-    if ranks.is_main:
-        compute_ranks(rank_config, reporter)
-        make_plots(PlotConfig(output_dir=output_dir), reporter)
+    # One writer per output dir, held from before the model loads until the figures are written.
+    with output_lock(output_dir):
+        ranks = init_ranks(device)
+        model = load_model(model_path, model_base, random_init=random_init, dtype=dtype,
+                           device=ranks.device(device))
+        extract(extract_config, reporter, model=model)
+        run_sweep(sweep_config, reporter, model=model)
+        if ranks.is_main:
+            compute_ranks(rank_config, reporter)
+            make_plots(PlotConfig(output_dir=output_dir), reporter)
