@@ -263,8 +263,12 @@ def test_orphan_temporary_files_do_not_fail_a_rerun(tiny_models, demo_scienceqa,
 
 #: Runs vtkit as ``nobody`` when started as root: the interpreter may live where nobody cannot
 #: read (a pyenv under /root), so vtkit is imported first and the user dropped before it runs.
-AS_NOBODY = """import os, sys
+# Python itself may live where nobody cannot read (here: under /root), so everything the run
+# imports is imported before the switch, typer's lazily imported option parsing included.
+AS_NOBODY = """import importlib.util, os, sys
 import vtkit.cli.main, vtkit.sweep, vtkit.model
+if importlib.util.find_spec("typer._adapters"):
+    import typer._adapters
 if os.geteuid() == 0:
     os.setgid(65534)
     os.setuid(65534)
