@@ -92,7 +92,7 @@ class SweepConfig:
     device: str = "auto"
     random_init: bool = False
     force: bool = False
-    model_id: str | None = None
+    model_id: str | None = None       # sweep.h5's model_id; None: the model path's last part
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -255,6 +255,8 @@ def _resolve(config: SweepConfig, model, selection: Selection) -> _Run:
 
 
 def _load_extract_cache(path: Path, image_items: list[PreparedItem], model) -> dict:
+    """features.h5's attributes, once it is checked against the model and the questions; sets
+    each image item's ``cache_row``."""
     if not path.exists():
         raise DataError(f"{path} not found: run `vtkit extract` with the same model and "
                         f"questions first")
