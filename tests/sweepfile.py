@@ -13,7 +13,13 @@ import h5py
 import numpy as np
 
 from vtkit import __version__
-from vtkit.cache import SCHEMA_VERSION
+from vtkit.cache import (
+    LAYERS,
+    SCHEMA_VERSION,
+    SWEEP_FILE,
+    attention_dataset,
+    spectra_dataset,
+)
 
 TOKEN_COUNTS = (576, 300, 40, 20)
 
@@ -43,7 +49,7 @@ def write_sweep(
     rng = np.random.default_rng(seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "sweep.h5"
+    path = output_dir / SWEEP_FILE
     n_k = len(token_counts)
     if correct is None:
         # Question q is answered correctly while k is at least its own cut-off.
@@ -71,13 +77,13 @@ def write_sweep(
         f["has_image"] = has_image
         f["correct"] = np.asarray(correct, dtype=bool).reshape(n_k, n_questions)
         f.create_dataset("answers", data=answers, dtype=h5py.string_dtype())
-        for layer in ("first_layer", "last_layer"):
+        for layer in LAYERS:
             for k in token_counts:
                 r = min(rank, k)
                 matrices = (rng.standard_normal((n_image, k, r))
                             @ rng.standard_normal((n_image, r, hidden))).astype(np.float16)
                 spectra = np.linalg.svd(matrices.astype(np.float32), compute_uv=False)
-                f[f"spectra/{layer}/k{k}"] = spectra.astype(np.float32)
+                f[spectra_dataset(layer, k)] = spectra.astype(np.float32)
                 if n_keep:
-                    f[f"attention/{layer}/k{k}"] = matrices[:n_keep]
+                    f[attention_dataset(layer, k)] = matrices[:n_keep]
     return path

@@ -15,9 +15,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from vtkit.cache import FEATURES_FILE, FEATURES_PARTS_DIR
 from vtkit.cli.main import app
 from vtkit.errors import CacheMismatchError
-from vtkit.extract import FEATURES_FILE, PARTS_DIR, ExtractConfig, extract
+from vtkit.extract import ExtractConfig, extract
 from vtkit.images import load_image, preprocess_images
 from vtkit.pruning import l2_scores, uniform_scores
 
@@ -56,7 +57,7 @@ def test_cache_holds_the_stock_features_and_scores(extracted, tiny_model, demo_s
     data = _read(out / FEATURES_FILE)
     assert result.num_images == len(data["question_ids"]) > 3
     assert data["attrs"]["complete"]
-    assert not (out / PARTS_DIR).exists()
+    assert not (out / FEATURES_PARTS_DIR).exists()
     qid = data["question_ids"][2].decode()
     image = load_image(demo_scienceqa / "images" / "test" / qid / "image.png")
     pixels = preprocess_images([image], "pad")
@@ -132,7 +133,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, demo_scie
            "--base-dir", str(demo_scienceqa), "--num-samples", str(N), "--output-dir", str(out),
            "--device", "cpu", "--batch-size", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = out / PARTS_DIR
+    parts = out / FEATURES_PARTS_DIR
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < 3:
         if proc.poll() is not None:

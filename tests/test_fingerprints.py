@@ -25,8 +25,9 @@ from vtkit.data import build_question_entries, load_question_file, write_questio
 from vtkit.demo import DEMO_MODEL_DIR
 from vtkit.errors import UsageError
 from vtkit.extract import ExtractConfig
+from vtkit.generate import sampling_candidates
 from vtkit.rank import RankConfig
-from vtkit.sweep import SweepConfig, sampling_candidates
+from vtkit.sweep import SweepConfig
 
 SELECT = ["--num-samples", "8", "--device", "cpu"]
 TOKENS = ["--tokens", "576,64,20"]

@@ -18,22 +18,14 @@ import torch
 from typer.testing import CliRunner
 
 import vtkit.sweep as sweep_module
+from vtkit.cache import FEATURES_FILE, SWEEP_FILE, SWEEP_PARTS_DIR
 from vtkit.cli.main import app
 from vtkit.data import select_questions
-from vtkit.extract import FEATURES_FILE, ExtractConfig, extract
+from vtkit.extract import ExtractConfig, extract
+from vtkit.generate import AttentionCapture, clean_answer, decode, prefill, prepare_items
 from vtkit.images import load_image, preprocess_images
 from vtkit.pruning import gather_rows, singular_values, top_k_raster
-from vtkit.sweep import (
-    PARTS_DIR,
-    SWEEP_FILE,
-    SweepConfig,
-    _AttentionCapture,
-    _prepare_items,
-    clean_answer,
-    decode,
-    prefill,
-    sweep,
-)
+from vtkit.sweep import SweepConfig, sweep
 
 N = 12
 TOKENS = [576, 100, 20]
@@ -77,7 +69,7 @@ def swept(tiny_models, demo_scienceqa, model, features_dir):
 def _items_and_features(demo_scienceqa, model, features_dir):
     selection = select_questions(demo_scienceqa, num_samples=N)
     config = SweepConfig(model_path="", base_dir=demo_scienceqa, tokens=TOKENS)
-    items = [it for it in _prepare_items(selection.questions, model.tokenizer, config)
+    items = [it for it in prepare_items(selection.questions, model.tokenizer, config)
              if it.question.has_image]
     with h5py.File(features_dir / FEATURES_FILE, "r") as f:
         ids = [s.decode() for s in f["question_ids"][:]]
@@ -132,7 +124,7 @@ def test_kept_rows_are_the_top_k_in_raster_order(swept, model, demo_scienceqa):
     k = 20
     kept = top_k_raster(l2[:2], k)
     visual = gather_rows(projected[:2], kept)
-    capture = _AttentionCapture(model)
+    capture = AttentionCapture(model)
     try:
         state = prefill(model, items[:2], list(visual), capture)
     finally:
@@ -145,7 +137,7 @@ def test_kept_rows_are_the_top_k_in_raster_order(swept, model, demo_scienceqa):
     np.testing.assert_allclose(stored_last, state.captured[1].numpy(), rtol=2e-3, atol=2e-3)
     # A selection in another order (or another set) would give other attention outputs.
     shuffled = gather_rows(projected[:2], kept.flip(-1))
-    capture = _AttentionCapture(model)
+    capture = AttentionCapture(model)
     try:
         other = prefill(model, items[:2], list(shuffled), capture)
     finally:
@@ -247,7 +239,7 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tiny_models, demo_sc
            "--device", "cpu", "--batch-size", "1", "--max-new-tokens", "6",
            "--tokens", ",".join(map(str, TOKENS))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = out / PARTS_DIR
+    parts = out / SWEEP_PARTS_DIR
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("i-*.h5"))) < 4:
         if proc.poll() is not None:
@@ -287,3 +279,21 @@ def test_the_progress_label_says_the_grid_is_done(tiny_models, demo_scienceqa, m
           reporter, model=model)
     assert any(label.startswith("sweep k=") for label in reporter.labels)
     assert reporter.labels[-1] == "sweep (2 k values)"
+
+
+def test_the_layout_names_are_the_documented_ones():
+    """Writers and readers take these names from vtkit.cache; docs/cache.md documents them."""
+    from vtkit import cache
+
+    assert cache.spectra_dataset("first_layer", 20) == "spectra/first_layer/k20"
+    assert cache.attention_dataset("last_layer", 576) == "attention/last_layer/k576"
+    assert cache.answers_file(100) == "answers/k100.jsonl"
+    assert cache.LAYERS == ("first_layer", "last_layer")
+    figures = ("pruning_experiment_*.png", "pruning_experiment_*.pdf")
+    assert cache.STALE_AFTER_RESCORE == (("raw_results.json", "normalized_results.json"), figures)
+    assert cache.STALE_AFTER_SWEEP == (
+        ("ranks.json", "raw_results.json", "normalized_results.json"),
+        ("answers/k*.jsonl", *figures))
+    assert cache.STALE_AFTER_EXTRACT == (
+        ("sweep.h5", "sweep.parts", "ranks.json", "raw_results.json", "normalized_results.json"),
+        ("answers/k*.jsonl", *figures))

@@ -18,9 +18,10 @@ from vtkit.demo import (
     render_scene,
     write_demo_model,
 )
+from vtkit.generate import prefill, prepare_items
 from vtkit.images import load_image, preprocess_images
 from vtkit.model import load_model
-from vtkit.sweep import SweepConfig, _prepare_items, prefill
+from vtkit.sweep import SweepConfig
 from vtkit.tiny import TOKENIZER_DIR
 from vtkit.train import (
     DemoExamples,
@@ -74,7 +75,7 @@ def test_demo_writes_the_shipped_model_in_both_formats(demo_dir):
     config = SweepConfig(model_path="", base_dir=demo_dir / "scienceqa", tokens=[576])
     logits = []
     for model in (hf, orig):
-        items = [it for it in _prepare_items(selection.questions, model.tokenizer, config)
+        items = [it for it in prepare_items(selection.questions, model.tokenizer, config)
                  if it.question.has_image][:3]
         pixels = preprocess_images([load_image(selection.image_path(it.question))
                                     for it in items], "pad")
@@ -190,7 +191,7 @@ def test_training_logits_are_the_evaluation_logits(tiny_models, demo_scienceqa):
     model = load_model(tiny_models["hf"], dtype="float32", device="cpu")
     selection = select_questions(demo_scienceqa, num_samples=20)
     config = SweepConfig(model_path="", base_dir=demo_scienceqa, tokens=[576])
-    items = _prepare_items(selection.questions, model.tokenizer, config)
+    items = prepare_items(selection.questions, model.tokenizer, config)
     problems = generate_problems("test", 20, seed=0)
     assert [p.pid for p in problems] == [it.question.question_id for it in items]
     examples = DemoExamples(problems, model.tokenizer, model.image_size)

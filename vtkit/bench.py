@@ -156,8 +156,8 @@ def write_bench_questions(base_dir: Path, tokenizer, lengths: list[int], seed: i
 def seed_style_seconds(model, selection, items, k: int, sweep_config) -> float:
     """Seconds per question of the single-script loop at one k: batch 1, the vision tower
     re-run for every (question, k), then prune, prefill and generate."""
+    from vtkit.generate import decode, prefill
     from vtkit.images import load_image, preprocess_images
-    from vtkit.sweep import decode, prefill
 
     _sync(model.device)
     started = time.perf_counter()
@@ -176,8 +176,9 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     """Build the model, run extract + sweep on synthetic questions, return the measurements."""
     from vtkit.data import select_questions
     from vtkit.extract import ExtractConfig, extract
+    from vtkit.generate import prepare_items
     from vtkit.model import load_model
-    from vtkit.sweep import SweepConfig, _prepare_items, sweep
+    from vtkit.sweep import SweepConfig, sweep
     from vtkit.tiny import write_config_checkpoint
 
     reporter = reporter or Reporter()
@@ -225,7 +226,7 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
 
     # Useful tokens (no padding) define throughput and MFU; padding is reported on its own.
     selection = select_questions(data_dir)
-    items = _prepare_items(selection.questions, model.tokenizer, sweep_config)
+    items = prepare_items(selection.questions, model.tokenizer, sweep_config)
     real_tokens = sum(it.text_length + k for it in items for k in config.tokens)
     tokens_per_s = real_tokens / sweep_seconds
     full_tokens = full_sweep_tokens()

@@ -10,7 +10,9 @@ never reads as complete unless it is.
 
 Every file vtkit writes goes through :func:`atomic_path` (a temporary name unique to the process
 and the write; a failed write leaves nothing and becomes one line naming the file), and every
-stage holds :func:`output_lock` on its output directory: one writer per directory.
+stage holds :func:`output_lock` on its output directory: one writer per directory. The names
+of the files in an output directory and of the datasets in them (:func:`k_name`,
+:data:`LAYERS`) are defined here, once, for the stages that write them and those that read them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -47,6 +49,93 @@ SCHEMA_VERSION = 2
 #: What survives a failed write of a stage, for its error message.
 PARTS_KEPT = "finished parts are kept"
 STRING = h5py.string_dtype("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout of an output directory (docs/cache.md): the stages that write a file and those
+# that read it take its name from here.
+
+FEATURES_FILE = "features.h5"
+FEATURES_PARTS_DIR = "features.parts"
+SWEEP_FILE = "sweep.h5"
+SWEEP_PARTS_DIR = "sweep.parts"
+ANSWERS_DIR = "answers"
+RANKS_FILE = "ranks.json"
+RAW_RESULTS_FILE = "raw_results.json"
+NORMALIZED_RESULTS_FILE = "normalized_results.json"
+#: Figures are written as ``<stem>.png`` and ``<stem>.pdf``.
+FIGURE_PREFIX = "pruning_experiment_"
+RESULTS_FIGURE = FIGURE_PREFIX + "results"
+RAW_FIGURE = FIGURE_PREFIX + "raw"
+COMPARE_FIGURE = FIGURE_PREFIX + "compare"
+FIGURE_FORMATS = ("png", "pdf")
+#: The two decoder layers whose attention outputs the sweep captures, as named in sweep.h5
+#: (``spectra/first_layer/k20``) and in ranks.json and the results files.
+LAYERS = ("first_layer", "last_layer")
+_K_PREFIX = "k"
+_ANSWERS_SUFFIX = ".jsonl"
+
+
+def k_name(k: int) -> str:
+    """The name of one k of the grid, in sweep.h5 (``spectra/first_layer/k20``) and in the
+    answer files (``answers/k20.jsonl``)."""
+    return f"{_K_PREFIX}{int(k)}"
+
+
+def spectra_dataset(layer: str, k: int) -> str:
+    """sweep.h5's dataset of the singular values of one layer's k visual rows."""
+    return f"spectra/{layer}/{k_name(k)}"
+
+
+def attention_dataset(layer: str, k: int) -> str:
+    """sweep.h5's dataset of the raw attention rows kept of one layer at one k."""
+    return f"attention/{layer}/{k_name(k)}"
+
+
+def answers_file(k: int) -> str:
+    """The answer file of one k, relative to the output dir."""
+    return f"{ANSWERS_DIR}/{k_name(k)}{_ANSWERS_SUFFIX}"
+
+
+#: Every answer file, of any grid, relative to the output dir.
+ANSWERS_PATTERN = f"{ANSWERS_DIR}/{_K_PREFIX}*{_ANSWERS_SUFFIX}"
+FIGURE_PATTERNS = tuple(f"{FIGURE_PREFIX}*.{ext}" for ext in FIGURE_FORMATS)
+
+
+class Outputs(NamedTuple):
+    """Outputs in an output dir: files or directories by name, and glob patterns."""
+
+    names: tuple[str, ...]
+    patterns: tuple[str, ...]
+
+
+#: Plot's outputs hold accuracies: re-scoring the stored answers makes them stale.
+STALE_AFTER_RESCORE = Outputs((RAW_RESULTS_FILE, NORMALIZED_RESULTS_FILE), FIGURE_PATTERNS)
+#: What rank and plot made from sweep.h5, and the answer files (an old grid's would stay behind):
+#: stale once the sweep is recomputed.
+STALE_AFTER_SWEEP = Outputs((RANKS_FILE, *STALE_AFTER_RESCORE.names),
+                            (ANSWERS_PATTERN, *STALE_AFTER_RESCORE.patterns))
+#: What sweep, rank and plot made from features.h5: stale once it is recomputed.
+STALE_AFTER_EXTRACT = Outputs((SWEEP_FILE, SWEEP_PARTS_DIR, *STALE_AFTER_SWEEP.names),
+                              STALE_AFTER_SWEEP.patterns)
+
+
+def remove_outputs(output_dir: Path, outputs: Outputs) -> list[Path]:
+    """Remove what ``outputs`` names and matches in ``output_dir``: the outputs a recomputed
+    stage no longer stands behind."""
+    output_dir = Path(output_dir)
+    gone = [output_dir / name for name in outputs.names if (output_dir / name).exists()]
+    gone += sorted(p for pattern in outputs.patterns for p in output_dir.glob(pattern))
+    for path in gone:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return gone
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and atomic writes
 
 
 def fingerprint(inputs: Mapping[str, Any]) -> str:
@@ -333,7 +422,7 @@ def _acquire(directory: Path, command: str) -> int:
 
 def _remove_orphans(directory: Path) -> None:
     """Temporary files of killed writes: nobody else writes here while the lock is held."""
-    folders = [directory, directory / "answers", *directory.glob("*.parts")]
+    folders = [directory, directory / ANSWERS_DIR, *directory.glob("*.parts")]
     for folder in folders:
         if folder.is_dir():
             for path in folder.iterdir():

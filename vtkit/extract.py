@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -19,19 +18,13 @@ import numpy as np
 import torch
 
 from vtkit import cache
+from vtkit.cache import FEATURES_FILE, FEATURES_PARTS_DIR, STALE_AFTER_EXTRACT
 from vtkit.data import Question, Selection, check_num_samples, select_questions
 from vtkit.errors import DataError, UsageError
 from vtkit.images import check_image_mode, load_image, preprocess_images
 from vtkit.parallel import init_ranks
 from vtkit.progress import Reporter
 from vtkit.pruning import SCORERS, l2_scores, random_scores, uniform_scores
-
-FEATURES_FILE = "features.h5"
-PARTS_DIR = "features.parts"
-#: What the later stages write from features.h5 (sweep, rank, plot): stale once it is recomputed.
-DOWNSTREAM_FILES = ("sweep.h5", "sweep.parts", "ranks.json", "raw_results.json",
-                    "normalized_results.json")
-DOWNSTREAM_PATTERNS = ("answers/k*.jsonl", "pruning_experiment_*.png", "pruning_experiment_*.pdf")
 
 
 @dataclass
@@ -75,21 +68,6 @@ def check_common_flags(config) -> None:
     if not str(config.split).strip():
         raise UsageError("--split must name a split of pid_splits.json")
     resolve_dtype(config.dtype, resolve_device(config.device))
-
-
-def remove_outputs(output_dir: Path, names: tuple[str, ...],
-                   patterns: tuple[str, ...]) -> list[Path]:
-    """Remove the files (and part directories) ``names`` and ``patterns`` match in
-    ``output_dir``: the outputs a recomputed stage no longer stands behind."""
-    output_dir = Path(output_dir)
-    gone = [output_dir / name for name in names if (output_dir / name).exists()]
-    gone += sorted(p for pattern in patterns for p in output_dir.glob(pattern))
-    for path in gone:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return gone
 
 
 @dataclass
@@ -194,7 +172,7 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / FEATURES_FILE
-    store = cache.start_parts(final, output_dir / PARTS_DIR, inputs, config.force, ranks)
+    store = cache.start_parts(final, output_dir / FEATURES_PARTS_DIR, inputs, config.force, ranks)
     if store is None:
         reporter.info(f"{final}: cache is complete ({len(questions)} images); nothing to do")
         return ExtractResult(final, len(questions), 0, time.perf_counter() - started,
@@ -202,18 +180,11 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
                              bool(model.identity.get("random_init")))
     if config.force and ranks.is_main:
         # New features: whatever the sweep, rank and plot made from the old ones is stale.
-        gone = remove_outputs(output_dir, DOWNSTREAM_FILES, DOWNSTREAM_PATTERNS)
+        gone = cache.remove_outputs(output_dir, STALE_AFTER_EXTRACT)
         if gone:
             reporter.info(f"--force: removed {len(gone)} outputs of the old features (sweep, "
                           f"answers, ranks, results, figures)")
-    done = set()
-    for part in store.parts():
-        with h5py.File(part, "r") as f:
-            done.update(s.decode() for s in f["question_ids"][:])
-    todo = ranks.share([q for q in questions if q.question_id not in done])
-    if done:
-        reporter.info(f"resuming: {len(done)} of {len(questions)} images already extracted")
-
+    todo = _remaining(store, questions, ranks, reporter)
     batch_size = config.batch_size or (32 if model.device.type == "cuda" else 8)
     computed = _run_vision(model, selection, todo, batch_size, config, store, reporter,
                            feature_dtype)
@@ -227,6 +198,19 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
                   f"per image)")
     return ExtractResult(final, len(questions), computed, time.perf_counter() - started,
                          size / len(questions), False, bool(model.identity.get("random_init")))
+
+
+def _remaining(store: cache.PartStore, questions: list[Question], ranks,
+               reporter: Reporter) -> list[Question]:
+    """This process's share of the image questions that no finished part holds yet."""
+    done = set()
+    for part in store.parts():
+        with h5py.File(part, "r") as f:
+            done.update(s.decode() for s in f["question_ids"][:])
+    todo = ranks.share([q for q in questions if q.question_id not in done])
+    if done:
+        reporter.info(f"resuming: {len(done)} of {len(questions)} images already extracted")
+    return todo
 
 
 def _load_batch(selection: Selection, batch: list[Question], image_mode: str, model,
@@ -285,6 +269,7 @@ def _merge(store, final, questions, hashes, model, config, inputs, feature_dtype
     with cache.atomic_h5(final, cache.PARTS_KEPT, rdcc_nbytes=0) as out:
         attrs = cache.base_attrs(config.to_dict(), inputs)
         attrs.update({
+            # The model path as given; sweep.h5's model_id is the checkpoint's name (docs/cache.md).
             "model_id": str(model.identity.get("model_path")),
             "checkpoint_dir": str(model.identity.get("checkpoint_dir")),
             "random_init": bool(model.identity.get("random_init")),

@@ -26,15 +26,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vtkit import __version__, cache
+from vtkit.cache import (
+    COMPARE_FIGURE,
+    LAYERS,
+    NORMALIZED_RESULTS_FILE,
+    RANKS_FILE,
+    RAW_FIGURE,
+    RAW_RESULTS_FILE,
+    RESULTS_FIGURE,
+    SWEEP_FILE,
+)
 from vtkit.errors import CacheMismatchError, DataError
 from vtkit.progress import Reporter
-from vtkit.rank import LAYERS, RANKS_FILE, SWEEP_FILE, open_sweep, sweep_meta
+from vtkit.rank import open_sweep, sweep_meta
 
-RAW_RESULTS_FILE = "raw_results.json"
-NORMALIZED_RESULTS_FILE = "normalized_results.json"
-RESULTS_FIGURE = "pruning_experiment_results"
-RAW_FIGURE = "pruning_experiment_raw"
-COMPARE_FIGURE = "pruning_experiment_compare"
 #: Resolution of the PNG figures (the PDFs are vector).
 DPI = 300
 #: Figure size in inches: 3000 x 1800 pixels at 300 dpi.
@@ -43,15 +48,15 @@ FIGSIZE = (10.0, 6.0)
 #: What overlaid runs should share for their curves to be compared; each difference is warned.
 COMPARED = ("questions", "template", "temperature", "model")
 
-#: Series that get a min-max normalised copy, raw key -> normalised key.
-NORMALIZED_SERIES = {
-    "accuracies": "normalized_accuracies",
-    "img_accuracies": "normalized_img_accuracies",
-    "first_layer_ranks": "normalized_first_layer_ranks",
-    "last_layer_ranks": "normalized_last_layer_ranks",
-    "first_layer_effective_ranks": "normalized_first_layer_effective_ranks",
-    "last_layer_effective_ranks": "normalized_last_layer_effective_ranks",
-}
+#: The series of raw_results.json that get a min-max normalised copy in normalized_results.json,
+#: raw key -> normalised key, in this order.
+NORMALIZED_SERIES = {key: f"normalized_{key}" for key in (
+    "accuracies", "img_accuracies",
+    *(f"{layer}_ranks" for layer in LAYERS),
+    *(f"{layer}_effective_ranks" for layer in LAYERS))}
+#: How the figures show the layers.
+LAYER_STYLES = dict(zip(LAYERS, (("First-layer rank", "tab:red"),
+                                 ("Last-layer rank", "tab:green")), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +191,24 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
         for message in compare_differences(runs):
             reporter.warn(message)
 
+    raw = _raw_results(meta, ranks, token_counts, correct, has_image, config)
+    normalized, constant = _normalized_results(raw, reporter)
+
+    files = [_write_json(output_dir / RAW_RESULTS_FILE, raw),
+             _write_json(output_dir / NORMALIZED_RESULTS_FILE, normalized)]
+    title = _title(meta["model_id"], meta["scorer"], meta["random_init"])
+    files += _save(_results_figure(normalized, title), output_dir / RESULTS_FIGURE)
+    files += _save(_raw_figure(raw, title), output_dir / RAW_FIGURE)
+    if config.compare:
+        files += _save(_compare_figure([(output_dir, raw), *others]), output_dir / COMPARE_FIGURE)
+    for path in files:
+        reporter.info(f"wrote {path}")
+    return PlotResult(files=files, raw_results=raw, constant_series=constant)
+
+
+def _raw_results(meta: dict[str, Any], ranks: dict[str, Any], token_counts: list[int],
+                 correct: np.ndarray, has_image: np.ndarray, config: PlotConfig) -> dict[str, Any]:
+    """The raw_results.json document: accuracies, mean ranks and the bootstrap band per k."""
     raw: dict[str, Any] = {
         "meta": {
             "model": meta["model_id"],
@@ -211,7 +234,12 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
         raw[f"{layer}_ranks_std"] = ranks[layer]["numerical_rank_std"]
     low, high = bootstrap_accuracy_band(correct, config.bootstrap_samples, config.seed)
     raw["accuracies_ci95_low"], raw["accuracies_ci95_high"] = _rounded(low), _rounded(high)
+    return raw
 
+
+def _normalized_results(raw: dict[str, Any],
+                        reporter: Reporter) -> tuple[dict[str, Any], list[str]]:
+    """The normalized_results.json document, and the series that were constant over k."""
     normalized = dict(raw)
     constant = []
     for key, normalized_key in NORMALIZED_SERIES.items():
@@ -220,17 +248,7 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
         if is_constant:
             constant.append(key)
             reporter.warn(f"{key} is constant over k; {normalized_key} is all zeros")
-
-    files = [_write_json(output_dir / RAW_RESULTS_FILE, raw),
-             _write_json(output_dir / NORMALIZED_RESULTS_FILE, normalized)]
-    title = _title(meta["model_id"], meta["scorer"], meta["random_init"])
-    files += _save(_results_figure(normalized, title), output_dir / RESULTS_FIGURE)
-    files += _save(_raw_figure(raw, title), output_dir / RAW_FIGURE)
-    if config.compare:
-        files += _save(_compare_figure([(output_dir, raw), *others]), output_dir / COMPARE_FIGURE)
-    for path in files:
-        reporter.info(f"wrote {path}")
-    return PlotResult(files=files, raw_results=raw, constant_series=constant)
+    return normalized, constant
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> Path:
@@ -324,11 +342,10 @@ def _k_axis(axes, token_counts: list[int]) -> None:
 def _results_figure(normalized: dict[str, Any], title: str) -> Figure:
     figure, axes = _new_axes(title)
     k = normalized["token_counts"]
-    for key, label, color in (
-        ("normalized_accuracies", "Accuracy", "tab:blue"),
-        ("normalized_first_layer_ranks", "First-layer rank", "tab:red"),
-        ("normalized_last_layer_ranks", "Last-layer rank", "tab:green"),
-    ):
+    series = [("normalized_accuracies", "Accuracy", "tab:blue")]
+    series += [(NORMALIZED_SERIES[f"{layer}_ranks"], label, color)
+               for layer, (label, color) in LAYER_STYLES.items()]
+    for key, label, color in series:
         axes.plot(k, _floats(normalized[key]), color=color, label=label, marker="o",
                   markersize=3, linewidth=1.5, clip_on=False)
     _k_axis(axes, k)
@@ -349,8 +366,7 @@ def _raw_figure(raw: dict[str, Any], title: str) -> Figure:
               label="IMG accuracy")
     axes.set_ylabel("Accuracy (%)", color="tab:blue")
     ranks = axes.twinx()
-    for layer, label, color in (("first_layer", "First-layer rank", "tab:red"),
-                                ("last_layer", "Last-layer rank", "tab:green")):
+    for layer, (label, color) in LAYER_STYLES.items():
         mean = np.array(raw[f"{layer}_ranks"], dtype=np.float64)
         std = np.array(raw[f"{layer}_ranks_std"], dtype=np.float64)
         ranks.fill_between(k, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)

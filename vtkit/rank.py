@@ -25,19 +25,18 @@ import h5py
 import numpy as np
 
 from vtkit import __version__, cache
-from vtkit.cache import SCHEMA_VERSION
+from vtkit.cache import (
+    LAYERS,
+    RANKS_FILE,
+    SCHEMA_VERSION,
+    SWEEP_FILE,
+    attention_dataset,
+    spectra_dataset,
+)
 from vtkit.defaults import DEFAULT_THRESHOLD
 from vtkit.errors import DataError, UsageError
 from vtkit.progress import Reporter
 
-#: Results of `vtkit sweep`, read by rank and plot.
-SWEEP_FILE = "sweep.h5"
-#: Written by this stage, read by `vtkit plot`.
-RANKS_FILE = "ranks.json"
-#: The sweep.h5 layout this module reads.
-SWEEP_SCHEMA_VERSION = SCHEMA_VERSION
-#: The two layers whose attention outputs the sweep captures, as named in sweep.h5.
-LAYERS = ("first_layer", "last_layer")
 #: A stored spectrum further than this (relative to the largest singular value) from the float64
 #: spectrum of its kept float16 matrix is reported as a mismatch; float16 storage of the raw matrix
 #: alone moves singular values by well under 1e-3 of the largest.
@@ -128,11 +127,6 @@ def spectra_difference(matrices: np.ndarray, stored: np.ndarray) -> float:
 # sweep.h5
 
 
-def k_name(k: int) -> str:
-    """Dataset name of one k under ``spectra/<layer>/`` and ``attention/<layer>/``."""
-    return f"k{int(k)}"
-
-
 @contextmanager
 def open_sweep(output_dir: Path) -> Iterator[h5py.File]:
     """Open ``<output_dir>/sweep.h5`` to read; refuse a missing, foreign or unfinished file."""
@@ -145,9 +139,9 @@ def open_sweep(output_dir: Path) -> Iterator[h5py.File]:
         raise DataError(f"{path} is not a readable HDF5 file ({error})") from None
     with handle:
         schema = handle.attrs.get("schema_version")
-        if schema is None or int(schema) != SWEEP_SCHEMA_VERSION:
+        if schema is None or int(schema) != SCHEMA_VERSION:
             raise DataError(f"{path} has schema_version {schema}, expected "
-                            f"{SWEEP_SCHEMA_VERSION}: re-run `vtkit sweep --force` with this "
+                            f"{SCHEMA_VERSION}: re-run `vtkit sweep --force` with this "
                             "vtkit")
         if not bool(handle.attrs.get("complete", False)):
             raise DataError(f"{path} is incomplete: finish `vtkit sweep` (re-run it to resume) "
@@ -174,7 +168,7 @@ def sweep_meta(handle: h5py.File) -> dict[str, Any]:
 
 def _read_spectra(handle: h5py.File, layer: str, k: int, n_img: int) -> np.ndarray:
     path = Path(handle.filename)
-    name = f"spectra/{layer}/{k_name(k)}"
+    name = spectra_dataset(layer, k)
     if name not in handle:
         raise DataError(f"{path} has no dataset '{name}': re-run `vtkit sweep`")
     spectra = handle[name][()]
@@ -272,18 +266,18 @@ class RankResult:
 def _check_spectra(handle: h5py.File, token_counts: list[int], reporter: Reporter) -> SpectraCheck:
     """Recompute the spectrum of every kept raw matrix in float64; compare with the stored ones."""
     names = [(layer, k) for layer in LAYERS for k in token_counts
-             if f"attention/{layer}/{k_name(k)}" in handle]
+             if attention_dataset(layer, k) in handle]
     check = SpectraCheck()
     if not names:
         return check
     with reporter.task("checking stored spectra", total=len(names), unit="k") as task:
         for layer, k in names:
-            matrices = handle[f"attention/{layer}/{k_name(k)}"][()]
-            stored = handle[f"spectra/{layer}/{k_name(k)}"][: matrices.shape[0]]
+            matrices = handle[attention_dataset(layer, k)][()]
+            stored = handle[spectra_dataset(layer, k)][: matrices.shape[0]]
             try:
                 difference = spectra_difference(matrices, stored)
             except ValueError as error:
-                raise DataError(f"{handle.filename}: attention/{layer}/{k_name(k)}: {error}") \
+                raise DataError(f"{handle.filename}: {attention_dataset(layer, k)}: {error}") \
                     from None
             check.matrices_checked += matrices.shape[0]
             previous = check.per_layer.get(layer)

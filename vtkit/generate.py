@@ -1,0 +1,275 @@
+"""One batch through LLaVA: the language-model side of ``vtkit sweep``.
+
+A question becomes a :class:`PreparedItem` (its prompt tokenized around the image
+placeholder); a batch of them, with the kept visual rows of each, is embedded, spliced and
+left-padded, prefilled once (:func:`prefill`, where :class:`AttentionCapture` keeps the visual
+rows of the first and last decoder layers' attention output) and decoded with the KV cache
+(:func:`decode`: greedy, or seeded sampling as ``generate()`` samples). :func:`run_batch` does
+both. The stage around it (planning, parts, resume, merge) is :mod:`vtkit.sweep`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from vtkit.data import Question
+from vtkit.progress import NullTimer, PhaseTimer
+from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokenize_prompt
+from vtkit.pruning import gather_rows, left_pad, splice_sequence
+
+if TYPE_CHECKING:
+    from vtkit.sweep import SweepConfig
+
+
+@dataclass
+class PreparedItem:
+    """One question ready for the language model."""
+
+    index: int               # position in the evaluated question list
+    question: Question
+    prompt: str              # LLaVA's cur_prompt, written to the answer files
+    prefix: list[int]        # token ids before the image placeholder (all ids if text-only)
+    suffix: list[int]        # token ids after it
+    cache_row: int = -1      # row in features.h5 (image questions)
+
+    @property
+    def text_length(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+
+def prepare_items(questions: list[Question], tokenizer,
+                  config: SweepConfig) -> list[PreparedItem]:
+    """Each question's prompt (``config.conv_mode``, ``config.single_pred_prompt``), tokenized
+    and cut at the image placeholder."""
+    items = []
+    for index, q in enumerate(questions):
+        ids = tokenize_prompt(build_prompt(q, config.conv_mode, config.single_pred_prompt),
+                              tokenizer)
+        if q.has_image:
+            cut = ids.index(IMAGE_TOKEN_INDEX)
+            prefix, suffix = ids[:cut], ids[cut + 1:]
+        else:
+            prefix, suffix = ids, []
+        items.append(PreparedItem(index, q, question_text(q, config.single_pred_prompt), prefix,
+                                  suffix))
+    return items
+
+
+class AttentionCapture:
+    """Forward hooks on the o_proj of the first and last decoder layer.
+
+    During a prefill each hook keeps only the visual rows of its layer's attention output
+    (before the residual add), so the full [B, L, D] activations are never held. Rows have
+    their own k: the kept block is [B, k_max, D] with zeros past each row's k.
+    """
+
+    def __init__(self, model) -> None:
+        layers = model.decoder_layers
+        self.layer_ids = [0, len(layers) - 1]
+        self.rows: torch.Tensor | None = None    # [B, k_max] positions of the visual rows
+        self.valid: torch.Tensor | None = None   # [B, k_max] row j < that row's k
+        self.captured: list[torch.Tensor | None] = [None, None]
+        self.handles = [layers[i].self_attn.o_proj.register_forward_hook(self._hook(j))
+                        for j, i in enumerate(self.layer_ids)]
+
+    def _hook(self, slot: int):
+        def hook(module, args, output):
+            if self.rows is not None:
+                rows = gather_rows(output, self.rows)
+                self.captured[slot] = rows.masked_fill(~self.valid[..., None], 0)
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def sampling_candidates(logits: torch.Tensor, temperature: float, top_k: int,
+                        top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution generate() samples from, as (scores, token ids) of the top-k tokens:
+    temperature, then top-k (0: every token), then top-p (nucleus, keeping at least one token),
+    in the order and with the arithmetic of transformers' logits warpers. Tokens top-p drops
+    have score -inf."""
+    scaled = logits.float() / temperature
+    k = scaled.shape[-1] if top_k <= 0 else min(top_k, scaled.shape[-1])
+    top = torch.topk(scaled, k, dim=-1)
+    values = top.values
+    if top_p < 1.0:
+        # TopPLogitsWarper: ascending order, drop while the cumulative mass <= 1 - top_p.
+        ascending = values.flip(-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p)
+        drop[..., -1:] = False
+        values = ascending.masked_fill(drop, -math.inf).flip(-1)
+    return values, top.indices
+
+
+def _pick_tokens(logits: torch.Tensor, decode: dict,
+                 generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Each row's next token: the argmax, or a seeded sample of :func:`sampling_candidates`."""
+    if decode["temperature"] <= 0:
+        return logits.argmax(-1)
+    values, indices = sampling_candidates(logits, decode["temperature"], decode["top_k"],
+                                          decode["top_p"])
+    probs = torch.softmax(values, dim=-1)
+    # One generator per question, so a sample never depends on its batch neighbours.
+    picks = torch.stack([torch.multinomial(probs[i], 1, generator=g)
+                         for i, g in enumerate(generators)]).squeeze(-1)
+    return indices.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
+
+
+def decode_settings(config: SweepConfig, model) -> dict:
+    """The resolved decoding: greedy, or sampling with the temperature and seed of the flags
+    and the top-k / top-p of the checkpoint's generation config (as generate() does)."""
+    settings = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
+                "top_k": None, "top_p": None}
+    if config.temperature > 0:
+        from vtkit.model import DEFAULT_TOP_K, DEFAULT_TOP_P
+
+        sampling = getattr(model, "sampling", None) or {}
+        settings["top_k"] = int(sampling.get("top_k", DEFAULT_TOP_K))
+        settings["top_p"] = float(sampling.get("top_p", DEFAULT_TOP_P))
+    return settings
+
+
+def _generators(items: list[PreparedItem], ks: list[int], config: SweepConfig,
+                device) -> list | None:
+    """One generator per (question, k), seeded by both and ``--seed``; None when greedy."""
+    if config.temperature <= 0:
+        return None
+    gens = []
+    for item, k in zip(items, ks, strict=True):
+        digest = hashlib.sha256(f"{config.seed}:{item.question.question_id}:{k}".encode())
+        gens.append(torch.Generator(device=device).manual_seed(
+            int.from_bytes(digest.digest()[:8], "little")))
+    return gens
+
+
+@dataclass
+class Prefill:
+    """The state after one batch's prefill: next-token logits, KV cache, captured rows."""
+
+    logits: torch.Tensor               # [B, vocab] for the next token
+    past: object                       # the KV cache
+    mask: torch.Tensor                 # [B, L]
+    positions: torch.Tensor            # [B, L]
+    captured: list                     # [first, last] ([B, k_max, D]) or [None, None]
+    tokens: int                        # prefill tokens, padding included
+
+
+@torch.inference_mode()
+def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
+            capture: AttentionCapture | None = None) -> Prefill:
+    """Embed, splice and left-pad a batch, run the language model once over it.
+
+    With ``visual`` (one [k_i, D] tensor per item; k may differ between items) the kept rows
+    replace each image placeholder; with ``capture`` the first and last layers' attention
+    outputs of those rows are kept.
+    """
+    embed, device = model.embed_tokens, model.device
+    sequences, visual_starts = [], []
+    for j, item in enumerate(items):
+        prefix = embed(torch.tensor(item.prefix, device=device))
+        if visual is None:
+            sequences.append(prefix)
+            continue
+        suffix = embed(torch.tensor(item.suffix, device=device))
+        sequences.append(splice_sequence(prefix, visual[j], suffix))
+        visual_starts.append(len(item.prefix))
+    embeds, mask, positions = left_pad(sequences)
+    capturing = capture is not None and visual is not None
+    if capturing:
+        longest = embeds.shape[1]
+        starts = torch.tensor([longest - s.shape[0] + v for s, v in
+                               zip(sequences, visual_starts, strict=True)], device=device)
+        ks = torch.tensor([v.shape[0] for v in visual], device=device)
+        offsets = torch.arange(int(ks.max()), device=device)
+        # Past its own k a row repeats its last visual position; the hook zeroes those rows.
+        capture.rows = starts[:, None] + torch.minimum(offsets[None, :], ks[:, None] - 1)
+        capture.valid = offsets[None, :] < ks[:, None]
+        capture.captured = [None, None]
+    past = model.new_cache()
+    try:
+        hidden = model.run_decoder(embeds, mask, positions, past)
+    finally:
+        if capture is not None:
+            capture.rows = None
+    captured = list(capture.captured) if capturing else [None, None]
+    logits = model.lm_head(hidden[:, -1])
+    return Prefill(logits, past, mask, positions, captured, int(embeds.shape[0] * embeds.shape[1]))
+
+
+@torch.inference_mode()
+def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig,
+           ks: list[int]) -> list[str]:
+    """Greedy (temperature 0) or seeded sampled decoding with the KV cache.
+
+    Every row stops at EOS; the batch ends once every row has, or at max_new_tokens. The text is
+    decoded without special tokens and stripped, as LLaVA's eval script does.
+    """
+    generators = _generators(items, ks, config, model.device)
+    settings = decode_settings(config, model)
+    eos, pad = model.eos_token_id, model.pad_token_id
+    logits, mask, positions = state.logits, state.mask, state.positions
+    done = torch.zeros(len(items), dtype=torch.bool, device=model.device)
+    steps = []
+    for step in range(config.max_new_tokens):
+        token = _pick_tokens(logits, settings, generators)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        steps.append(token)
+        done |= token == eos
+        if step + 1 == config.max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones((len(items), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        hidden = model.run_decoder(model.embed_tokens(token[:, None]), mask, positions,
+                                   state.past)
+        logits = model.lm_head(hidden[:, -1])
+    answers = []
+    for row in torch.stack(steps, dim=1).tolist():
+        if eos in row:
+            row = row[:row.index(eos)]
+        answers.append(clean_answer(model.tokenizer.decode(row, skip_special_tokens=True)))
+    return answers
+
+
+def clean_answer(text: str) -> str:
+    """A decoded answer as stored: stripped, as the original evaluation strips it, and with any
+    NUL (a byte-fallback token ``<0x00>``, which a barely trained model can emit) replaced by
+    U+FFFD, since HDF5 strings cannot hold NUL. No answer that parses contains one, so scoring
+    is unchanged."""
+    return text.strip().replace("\x00", "\ufffd")
+
+
+def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
+              config: SweepConfig, capture: AttentionCapture | None, ks: list[int],
+              timer: PhaseTimer | NullTimer | None = None) -> tuple[list[str], list, int]:
+    """Prefill and decode one batch: (answers, captured rows, prefill tokens)."""
+    timer = timer or NullTimer()
+    with timer.phase("prefill"):
+        state = prefill(model, items, visual, capture)
+    with timer.phase("decode"):
+        answers = decode(model, items, state, config, ks)
+    return answers, state.captured, state.tokens
+
+
+def default_token_budget(model) -> int:
+    """Prefill tokens per forward: a share of free GPU memory, or a fixed size on CPU."""
+    if model.device.type != "cuda":
+        return 8192
+    free, _ = torch.cuda.mem_get_info(model.device)
+    config = model.language_model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = torch.finfo(model.dtype).bits // 8
+    kv = 2 * config.num_hidden_layers * heads * head_dim * width
+    # Per token: the KV cache twice (a decode step concatenates a new copy of it), a few
+    # hidden-size activations and the MLP intermediate; 40% of free memory stays for the
+    # allocator, the captured rows and their Gram matrices.
+    activations = (6 * config.hidden_size + 2 * config.intermediate_size) * width
+    return max(512, int(free * 0.6 / (2 * kv + activations)))
