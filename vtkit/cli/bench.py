@@ -7,17 +7,25 @@ from typing import Annotated
 
 import typer
 
-from vtkit.cli.options import BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt
+from vtkit.cli.options import (
+    BatchSizeOpt,
+    CompileOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxNewTokensOpt,
+    TokenBudgetOpt,
+    TokensOpt,
+    resolve_tokens,
+)
 from vtkit.cli.output import print_json
-from vtkit.cli.sweep import TokenBudgetOpt, TokensOpt, resolve_tokens
+from vtkit.defaults import DEFAULT_DEVICE, DEFAULT_MAX_TOKENS, DEFAULT_MIN_TOKENS, DEFAULT_STEP
 
 ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
 QuestionsOpt = Annotated[int, typer.Option(
     "--questions", min=1, help="Synthetic image questions in the measured sweep.")]
 SeedQuestionsOpt = Annotated[int, typer.Option(
     "--seed-questions", min=1, help="Questions timed in the seed-style loop (batch 1).")]
-CompileOpt = Annotated[bool, typer.Option(
-    "--compile", help="torch.compile the decoder's MLP and norms (first run compiles).")]
 BenchDirOpt = Annotated[Path, typer.Option("--output-dir", help="Where the bench writes.")]
 
 
@@ -25,7 +33,7 @@ def bench(
     shape: ShapeOpt = "tiny",
     questions: QuestionsOpt = 32,
     tokens: TokensOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = None,
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
@@ -48,7 +56,8 @@ def bench(
 
     config = BenchConfig(
         shape=shape, questions=questions,
-        tokens=resolve_tokens(20, 576, 10, tokens), device=device, dtype=dtype,
+        tokens=resolve_tokens(DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_STEP, tokens),
+        device=device, dtype=dtype,
         batch_size=batch_size, token_budget=token_budget, max_new_tokens=max_new_tokens,
         seed_questions=seed_questions, compile=compile_decoder, output_dir=output_dir)
     result = run_bench(config, RichReporter())
