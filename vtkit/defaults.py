@@ -51,3 +51,15 @@ DEFAULT_MAX_TOKENS = 576
 DEFAULT_STEP = 10
 #: Relative cut-off for the numerical rank: above float16/bfloat16 rounding noise (docs/rank.md).
 DEFAULT_THRESHOLD = 1e-3
+
+# Defaults of `vtkit bench`.
+#: The model shape benchmarked: tiny runs anywhere in seconds.
+DEFAULT_BENCH_SHAPE = "tiny"
+#: Synthetic image questions in the measured sweep.
+DEFAULT_BENCH_QUESTIONS = 32
+#: Random weights never stop at EOS: 2 tokens is what LLaVA-1.5 emits on ScienceQA (letter, EOS).
+DEFAULT_BENCH_MAX_NEW_TOKENS = 2
+#: Questions timed in the seed-style loop (batch 1, vision per k).
+DEFAULT_BENCH_SEED_QUESTIONS = 5
+#: Where the bench writes its model, questions, caches and bench.json.
+DEFAULT_BENCH_DIR = Path("bench_results")

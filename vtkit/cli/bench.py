@@ -19,7 +19,17 @@ from vtkit.cli.options import (
     resolve_tokens,
 )
 from vtkit.cli.output import print_json
-from vtkit.defaults import DEFAULT_DEVICE, DEFAULT_MAX_TOKENS, DEFAULT_MIN_TOKENS, DEFAULT_STEP
+from vtkit.defaults import (
+    DEFAULT_BENCH_DIR,
+    DEFAULT_BENCH_MAX_NEW_TOKENS,
+    DEFAULT_BENCH_QUESTIONS,
+    DEFAULT_BENCH_SEED_QUESTIONS,
+    DEFAULT_BENCH_SHAPE,
+    DEFAULT_DEVICE,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_STEP,
+)
 
 ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
 QuestionsOpt = Annotated[int, typer.Option(
@@ -30,17 +40,17 @@ BenchDirOpt = Annotated[Path, typer.Option("--output-dir", help="Where the bench
 
 
 def bench(
-    shape: ShapeOpt = "tiny",
-    questions: QuestionsOpt = 32,
+    shape: ShapeOpt = DEFAULT_BENCH_SHAPE,
+    questions: QuestionsOpt = DEFAULT_BENCH_QUESTIONS,
     tokens: TokensOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = None,
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 2,
-    seed_questions: SeedQuestionsOpt = 5,
+    max_new_tokens: MaxNewTokensOpt = DEFAULT_BENCH_MAX_NEW_TOKENS,
+    seed_questions: SeedQuestionsOpt = DEFAULT_BENCH_SEED_QUESTIONS,
     compile_decoder: CompileOpt = False,
-    output_dir: BenchDirOpt = Path("bench_results"),
+    output_dir: BenchDirOpt = DEFAULT_BENCH_DIR,
     json_output: JsonOpt = False,
 ) -> None:
     """Measure extract + sweep throughput, MFU, and the projected time of a full sweep.
