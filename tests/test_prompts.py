@@ -1,4 +1,5 @@
-"""Prompt text, conversation templates and chunk-wise tokenization (SPEC section 3)."""
+"""Prompt text, conversation templates and chunk-wise tokenization
+(docs/protocol.md section 3)."""
 
 from __future__ import annotations
 

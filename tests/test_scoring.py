@@ -214,7 +214,8 @@ def test_cli_score_errors(tmp_path):
 
 
 def test_cli_score_real_questions_without_problems_json(reference_data, tmp_path):
-    """Always answering "A" on the real test split: 1700 of 4241 (SPEC: 40.1%)."""
+    """Always answering "A" on the real test split: 1700 of 4241 (40.1%, docs/protocol.md
+    section 2)."""
     base = reference_data / "scienceqa"
     entries = json.loads((base / "llava_test_CQM-A.json").read_text())
     answers = _answers_file(tmp_path, [

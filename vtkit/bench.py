@@ -19,29 +19,43 @@ import numpy as np
 import torch
 
 from vtkit import cache
+from vtkit.defaults import (
+    DEFAULT_BENCH_DIR,
+    DEFAULT_BENCH_MAX_NEW_TOKENS,
+    DEFAULT_BENCH_QUESTIONS,
+    DEFAULT_BENCH_SEED_QUESTIONS,
+    DEFAULT_BENCH_SHAPE,
+    DEFAULT_CONV_MODE,
+    DEFAULT_DEVICE,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_SEED,
+    DEFAULT_SINGLE_PRED_PROMPT,
+    DEFAULT_STEP,
+)
 from vtkit.errors import UsageError
 from vtkit.progress import PhaseTimer, Reporter
 from vtkit.pruning import gather_rows, l2_scores, token_grid, top_k_raster
 
 LENGTHS_FILE = Path(__file__).resolve().parent / "assets" / "cqma_test_lengths.json"
 SHAPES = ("tiny", "llava-1.5-7b")
-FULL_GRID = token_grid(20, 576, 10)          # the grid of a full sweep (57 values)
+FULL_GRID = token_grid(DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_STEP)  # 57 values
 
 
 @dataclass
 class BenchConfig:
-    shape: str = "tiny"
-    questions: int = 32                 # synthetic image questions in the measured sweep
+    shape: str = DEFAULT_BENCH_SHAPE
+    questions: int = DEFAULT_BENCH_QUESTIONS
     tokens: list[int] = field(default_factory=lambda: list(FULL_GRID))
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     dtype: str | None = None
     batch_size: int | None = None
     token_budget: int | None = None
-    max_new_tokens: int = 2
+    max_new_tokens: int = DEFAULT_BENCH_MAX_NEW_TOKENS
     compile: bool = False
-    seed_questions: int = 5             # questions timed in the seed-style loop
-    output_dir: Path = Path("bench_results")
-    seed: int = 0
+    seed_questions: int = DEFAULT_BENCH_SEED_QUESTIONS
+    output_dir: Path = DEFAULT_BENCH_DIR
+    seed: int = DEFAULT_SEED
 
 
 def shape_config(shape: str):
@@ -124,7 +138,8 @@ def write_bench_questions(base_dir: Path, tokenizer, lengths: list[int], seed: i
         text = "<image>\n" + (f"Context: {hint}\n" if hint else "") + f"{question}\n" + \
             "\n".join(f"{'AB'[i]}. {c}" for i, c in enumerate(choices))
         ids = tokenize_prompt(build_prompt(Question("x", text, "x/image.png", "A"),
-                                           "vicuna_v1", True), tokenizer)
+                                           DEFAULT_CONV_MODE, DEFAULT_SINGLE_PRED_PROMPT),
+                             tokenizer)
         return len(ids) - 1
 
     base = length_of("")

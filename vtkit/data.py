@@ -2,8 +2,8 @@
 
 A question file is LLaVA's JSON list of ``{"id", "image"?, "conversations": [human, gpt]}``. vtkit
 reads the official CQM-A file (LLaVA-1.5) and the older QCM-LEA file, and builds either one from
-problems.json + pid_splits.json with the same text as the originals (SPEC section 2), so a base
-dir without a question file still works.
+problems.json + pid_splits.json with the same text as the originals (docs/protocol.md section 2),
+so a base dir without a question file still works.
 
 :func:`select_questions` is what stages call: it resolves the question file and image folder
 from the base dir, takes the first ``num_samples`` questions, and checks all of them (ids, image
@@ -24,6 +24,7 @@ from vtkit.errors import DataError, UsageError, list_offenders
 LETTERS = "ABCDE"
 #: Question file formats vtkit can build from problems.json.
 QUESTION_FORMATS = ("CQM-A", "QCM-LEA")
+#: Where the image goes in question files and prompt text; vtkit.model adds it to tokenizers.
 IMAGE_TOKEN = "<image>"
 #: Fields a problem needs for building question files and scoring.
 REQUIRED_PROBLEM_FIELDS = ("question", "choices", "answer", "hint", "image")
@@ -155,7 +156,7 @@ def load_question_file(path: Path | str) -> list[Question]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building question files (SPEC section 2)
+# Building question files (docs/protocol.md section 2)
 
 
 def _cqma_entry(pid: str, problem: dict) -> dict:
@@ -339,7 +340,7 @@ def select_questions(base_dir: Path | str, question_file: Path | str | None = No
                      image_folder: Path | str | None = None, split: str = "test",
                      num_samples: int = -1, question_format: str = "CQM-A",
                      check_images: bool = True) -> Selection:
-    """Resolve, load and validate the questions of a run (SPEC section 2).
+    """Resolve, load and validate the questions of a run (docs/protocol.md section 2).
 
     Question file: ``question_file``, else ``base_dir/llava_{split}_{question_format}.json`` if
     it exists, else built from problems.json + pid_splits.json. Image folder: ``image_folder``,

@@ -1,9 +1,12 @@
-"""Fixed values and defaults of vtkit's settings, in a module that imports nothing.
+"""Fixed values and defaults of vtkit's settings, in a module that imports nothing but pathlib.
 
 The stages check their settings against these tables, and the CLI lists them in ``--help`` and
-rejects other values while parsing, without loading torch. The conversation templates, which
-carry their text, live in :mod:`vtkit.prompts` (itself light).
+rejects other values while parsing, without loading torch. The config dataclasses of the stages
+and the CLI's signatures both take their defaults from here, so the two cannot drift. The
+conversation templates, which carry their text, live in :mod:`vtkit.prompts` (itself light).
 """
+
+from pathlib import Path
 
 #: Importance scorers `vtkit extract` stores and `vtkit sweep --scorer` chooses from.
 SCORERS = ("l2", "cls", "random", "uniform")
@@ -13,5 +16,50 @@ IMAGE_MODES = ("pad", "crop")
 DTYPES = ("float16", "bfloat16", "float32")
 #: The --device values; ``cuda:N`` names the GPU of index N.
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+# Defaults of the official LLaVA-1.5 ScienceQA run (docs/protocol.md sections 1, 2 and 5).
+#: The checkpoint evaluated when --model-path and MODEL_PATH are not given.
+DEFAULT_MODEL = "liuhaotian/llava-v1.5-7b"
+#: The ScienceQA folder when --base-dir and SCIENCEQA_DIR are not given (relative to the cwd).
+DEFAULT_BASE_DIR = Path("scienceqa")
+#: Where caches, results and figures go when --output-dir and OUTPUT_DIR are not given.
+DEFAULT_OUTPUT_DIR = Path("pruning_results")
+#: The ScienceQA split (a key of pid_splits.json); the published numbers are on test.
+DEFAULT_SPLIT = "test"
+#: Questions of the split to use; -1 takes them all.
+DEFAULT_NUM_SAMPLES = -1
+#: Seed of sampling (temperature above 0) and of the random scorer.
+DEFAULT_SEED = 0
+#: Where the model runs: cuda when there is one, else cpu.
+DEFAULT_DEVICE = "auto"
+#: The importance score that ranks visual tokens: the L2 norm of the projected feature.
+DEFAULT_SCORER = "l2"
+#: The conversation template of the official LLaVA-1.5 ScienceQA evaluation.
+DEFAULT_CONV_MODE = "vicuna_v1"
+#: The official evaluation appends the single-prediction instruction to every question.
+DEFAULT_SINGLE_PRED_PROMPT = True
+#: 0 decodes greedily, as the official evaluation does.
+DEFAULT_TEMPERATURE = 0.0
+#: The longest answer generated, as in LLaVA's model_vqa_science.py.
+DEFAULT_MAX_NEW_TOKENS = 1024
+#: Image questions whose raw k x d attention outputs the sweep keeps, for rank's float64 check.
+DEFAULT_KEEP_ATTENTION = 2
+#: The k grid of a full sweep: DEFAULT_MAX_TOKENS (all 576 patches), then every multiple of
+#: DEFAULT_STEP below it, down to DEFAULT_MIN_TOKENS (57 values).
+DEFAULT_MIN_TOKENS = 20
+DEFAULT_MAX_TOKENS = 576
+DEFAULT_STEP = 10
 #: Relative cut-off for the numerical rank: above float16/bfloat16 rounding noise (docs/rank.md).
 DEFAULT_THRESHOLD = 1e-3
+
+# Defaults of `vtkit bench`.
+#: The model shape benchmarked: tiny runs anywhere in seconds.
+DEFAULT_BENCH_SHAPE = "tiny"
+#: Synthetic image questions in the measured sweep.
+DEFAULT_BENCH_QUESTIONS = 32
+#: Random weights never stop at EOS: 2 tokens is what LLaVA-1.5 emits on ScienceQA (letter, EOS).
+DEFAULT_BENCH_MAX_NEW_TOKENS = 2
+#: Questions timed in the seed-style loop (batch 1, vision per k).
+DEFAULT_BENCH_SEED_QUESTIONS = 5
+#: Where the bench writes its model, questions, caches and bench.json.
+DEFAULT_BENCH_DIR = Path("bench_results")

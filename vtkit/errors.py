@@ -31,12 +31,6 @@ class CacheMismatchError(VtkitError):
     exit_code = 1
 
 
-class NotBuiltError(VtkitError):
-    """A command whose stage is not implemented yet (exit code 1)."""
-
-    exit_code = 1
-
-
 def list_offenders(what: str, offenders: list[str], limit: int = 10) -> str:
     """Format up to ``limit`` offenders and the total count, for one-line error messages."""
     shown = ", ".join(offenders[:limit])

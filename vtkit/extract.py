@@ -20,6 +20,13 @@ import torch
 from vtkit import cache
 from vtkit.cache import FEATURES_FILE, FEATURES_PARTS_DIR, STALE_AFTER_EXTRACT
 from vtkit.data import Question, Selection, check_num_samples, select_questions
+from vtkit.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_SEED,
+    DEFAULT_SPLIT,
+)
 from vtkit.errors import DataError, UsageError
 from vtkit.images import check_image_mode, load_image, preprocess_images
 from vtkit.parallel import init_ranks
@@ -36,15 +43,15 @@ class ExtractConfig:
     model_base: str | None = None
     question_file: Path | None = None
     image_folder: Path | None = None
-    split: str = "test"
-    num_samples: int = -1
-    output_dir: Path = Path("pruning_results")
+    split: str = DEFAULT_SPLIT
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    output_dir: Path = DEFAULT_OUTPUT_DIR
     image_mode: str | None = None    # pad | crop; None: the checkpoint's (model.image_mode_default)
     batch_size: int | None = None    # images per vision forward; None: 32 on CUDA, 8 on CPU
     dtype: str | None = None         # None: float16 on CUDA, float32 on CPU
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     random_init: bool = False
-    seed: int = 0                    # the random scorer's seed
+    seed: int = DEFAULT_SEED         # the random scorer's seed
     force: bool = False
     extra: dict = field(default_factory=dict)
 

@@ -1,6 +1,6 @@
 """Image loading and CLIP preprocessing, exactly as LLaVA-1.5 feeds its vision tower.
 
-Two modes (SPEC section 4):
+Two modes (docs/protocol.md section 4):
 
 - ``pad`` (LLaVA-1.5's code, ``image_aspect_ratio: "pad"``): paste the image centred on a square
   of the CLIP mean colour (122, 116, 104), then CLIP preprocessing.

@@ -1,6 +1,6 @@
 """Loading LLaVA in every common form into one small interface, :class:`LlavaModel`.
 
-Three checkpoint formats (SPEC section 6), all loaded into an in-memory
+Three checkpoint formats (docs/protocol.md section 6), all loaded into an in-memory
 ``transformers.LlavaForConditionalGeneration`` so the rest of vtkit sees one model:
 
 - ``hf``: transformers' own LLaVA format (``llava-hf/llava-1.5-7b-hf``).
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from vtkit.cache import set_file_modes, write_json_atomic
+from vtkit.data import IMAGE_TOKEN
 from vtkit.errors import DataError, UsageError
 from vtkit.images import CLIP_MEAN, CLIP_STD
 
@@ -47,9 +48,8 @@ FORMATS = ("hf", "original", "lora")
 ORIGINAL_PROJECTOR_PREFIX = "model.mm_projector."
 _ORIGINAL_PROJECTOR_NAMES = {"0": "linear_1", "2": "linear_2"}
 
-#: The image / padding tokens llava-hf adds to the tokenizer; the vocabulary is then padded to a
-#: multiple of 64 (32000 -> 32064 for LLaVA-1.5).
-IMAGE_TOKEN = "<image>"
+#: The padding token llava-hf adds to the tokenizer after IMAGE_TOKEN; the vocabulary is then
+#: padded to a multiple of 64 (32000 -> 32064 for LLaVA-1.5).
 PAD_TOKEN = "<pad>"
 VOCAB_MULTIPLE = 64
 
@@ -726,8 +726,8 @@ def _image_processor_settings(directory: Path | None) -> tuple[tuple, tuple]:
 
 def _image_mode_default(config: dict[str, Any], fmt: str) -> str:
     """``pad`` when the config says ``image_aspect_ratio: pad``. Without the field an original
-    checkpoint crops (the original code pads only when told to), while an HF one pads (SPEC's
-    default for LLaVA-1.5; llava-hf configs carry no such field)."""
+    checkpoint crops (the original code pads only when told to), while an HF one pads (the
+    LLaVA-1.5 setting, docs/protocol.md section 4; llava-hf configs carry no such field)."""
     ratio = config.get("image_aspect_ratio")
     if ratio is None:
         return "pad" if fmt == "hf" else "crop"

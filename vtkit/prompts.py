@@ -1,4 +1,5 @@
-"""What the model sees: conversation templates, prompt text and token ids (SPEC section 3).
+"""What the model sees: conversation templates, prompt text and token ids
+(docs/protocol.md section 3).
 
 The text follows LLaVA's ``model_vqa_science.py`` and ``conversation.py``; the ids follow
 ``tokenizer_image_token`` in ``mm_utils.py``: the prompt is cut at ``<image>``, each piece is
@@ -13,10 +14,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vtkit.data import Question, first_questions, load_question_file, select_questions
+from vtkit.data import IMAGE_TOKEN, Question, first_questions, load_question_file, select_questions
+from vtkit.defaults import (
+    DEFAULT_CONV_MODE,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_SINGLE_PRED_PROMPT,
+    DEFAULT_SPLIT,
+)
 from vtkit.errors import DataError, UsageError
 
-IMAGE_TOKEN = "<image>"
 #: LLaVA's placeholder id for the image in input_ids; the model splices the visual tokens there.
 IMAGE_TOKEN_INDEX = -200
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -142,10 +148,10 @@ class PromptsConfig:
     output: Path
     question_file: Path | None = None
     base_dir: Path | None = None
-    split: str = "test"
-    conv_mode: str = "vicuna_v1"
-    single_pred_prompt: bool = True
-    num_samples: int = -1
+    split: str = DEFAULT_SPLIT
+    conv_mode: str = DEFAULT_CONV_MODE
+    single_pred_prompt: bool = DEFAULT_SINGLE_PRED_PROMPT
+    num_samples: int = DEFAULT_NUM_SAMPLES
 
 
 def write_prompts(config: PromptsConfig) -> list[PromptRecord]:

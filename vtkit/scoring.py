@@ -1,4 +1,5 @@
-"""ScienceQA scoring exactly as LLaVA's ``llava/eval/eval_science_qa.py`` (SPEC section 5).
+"""ScienceQA scoring exactly as LLaVA's ``llava/eval/eval_science_qa.py``
+(docs/protocol.md section 5).
 
 Parsing a model's text into a letter, in order:
 

@@ -42,6 +42,19 @@ from vtkit.cache import (
     SWEEP_PARTS_DIR,
 )
 from vtkit.data import Selection, select_questions
+from vtkit.defaults import (
+    DEFAULT_CONV_MODE,
+    DEFAULT_DEVICE,
+    DEFAULT_KEEP_ATTENTION,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_SCORER,
+    DEFAULT_SEED,
+    DEFAULT_SINGLE_PRED_PROMPT,
+    DEFAULT_SPLIT,
+    DEFAULT_TEMPERATURE,
+)
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
 from vtkit.generate import (
@@ -75,21 +88,21 @@ class SweepConfig:
     model_base: str | None = None
     question_file: Path | None = None
     image_folder: Path | None = None
-    split: str = "test"
-    num_samples: int = -1
-    output_dir: Path = Path("pruning_results")
-    scorer: str = "l2"
-    conv_mode: str = "vicuna_v1"
-    single_pred_prompt: bool = True
-    temperature: float = 0.0
-    seed: int = 0
-    max_new_tokens: int = 1024
+    split: str = DEFAULT_SPLIT
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    output_dir: Path = DEFAULT_OUTPUT_DIR
+    scorer: str = DEFAULT_SCORER
+    conv_mode: str = DEFAULT_CONV_MODE
+    single_pred_prompt: bool = DEFAULT_SINGLE_PRED_PROMPT
+    temperature: float = DEFAULT_TEMPERATURE
+    seed: int = DEFAULT_SEED
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int | None = None     # questions per forward; None: by token budget
     token_budget: int | None = None   # prefill tokens per forward; None: from free memory
-    keep_attention: int = 2
+    keep_attention: int = DEFAULT_KEEP_ATTENTION
     compile: bool = False             # torch.compile the decoder's MLP and norms
     dtype: str | None = None
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     random_init: bool = False
     force: bool = False
     model_id: str | None = None       # sweep.h5's model_id; None: the model path's last part

@@ -7,32 +7,50 @@ from typing import Annotated
 
 import typer
 
-from vtkit.cli.options import BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxNewTokensOpt
+from vtkit.cli.options import (
+    BatchSizeOpt,
+    CompileOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxNewTokensOpt,
+    TokenBudgetOpt,
+    TokensOpt,
+    resolve_tokens,
+)
 from vtkit.cli.output import print_json
-from vtkit.cli.sweep import TokenBudgetOpt, TokensOpt, resolve_tokens
+from vtkit.defaults import (
+    DEFAULT_BENCH_DIR,
+    DEFAULT_BENCH_MAX_NEW_TOKENS,
+    DEFAULT_BENCH_QUESTIONS,
+    DEFAULT_BENCH_SEED_QUESTIONS,
+    DEFAULT_BENCH_SHAPE,
+    DEFAULT_DEVICE,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_STEP,
+)
 
 ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
 QuestionsOpt = Annotated[int, typer.Option(
     "--questions", min=1, help="Synthetic image questions in the measured sweep.")]
 SeedQuestionsOpt = Annotated[int, typer.Option(
     "--seed-questions", min=1, help="Questions timed in the seed-style loop (batch 1).")]
-CompileOpt = Annotated[bool, typer.Option(
-    "--compile", help="torch.compile the decoder's MLP and norms (first run compiles).")]
 BenchDirOpt = Annotated[Path, typer.Option("--output-dir", help="Where the bench writes.")]
 
 
 def bench(
-    shape: ShapeOpt = "tiny",
-    questions: QuestionsOpt = 32,
+    shape: ShapeOpt = DEFAULT_BENCH_SHAPE,
+    questions: QuestionsOpt = DEFAULT_BENCH_QUESTIONS,
     tokens: TokensOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DtypeOpt = None,
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 2,
-    seed_questions: SeedQuestionsOpt = 5,
+    max_new_tokens: MaxNewTokensOpt = DEFAULT_BENCH_MAX_NEW_TOKENS,
+    seed_questions: SeedQuestionsOpt = DEFAULT_BENCH_SEED_QUESTIONS,
     compile_decoder: CompileOpt = False,
-    output_dir: BenchDirOpt = Path("bench_results"),
+    output_dir: BenchDirOpt = DEFAULT_BENCH_DIR,
     json_output: JsonOpt = False,
 ) -> None:
     """Measure extract + sweep throughput, MFU, and the projected time of a full sweep.
@@ -48,7 +66,8 @@ def bench(
 
     config = BenchConfig(
         shape=shape, questions=questions,
-        tokens=resolve_tokens(20, 576, 10, tokens), device=device, dtype=dtype,
+        tokens=resolve_tokens(DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_STEP, tokens),
+        device=device, dtype=dtype,
         batch_size=batch_size, token_budget=token_budget, max_new_tokens=max_new_tokens,
         seed_questions=seed_questions, compile=compile_decoder, output_dir=output_dir)
     result = run_bench(config, RichReporter())

@@ -12,6 +12,7 @@ import typer
 
 from vtkit.cli.options import BatchSizeOpt, DeviceOpt, JsonOpt, SeedOpt
 from vtkit.cli.output import console, print_json
+from vtkit.defaults import DEFAULT_DEVICE, DEFAULT_SEED
 from vtkit.demo import DEMO_N_TEST, write_demo
 
 DemoOutputOpt = Annotated[Path, typer.Option("--output", help="Folder to write the demo into.")]
@@ -44,8 +45,9 @@ WorkersOpt = Annotated[int | None, typer.Option(
                              "on CUDA).")]
 
 
-def demo(output: DemoOutputOpt = Path("demo"), seed: SeedOpt = 0,
-         n_test: TestSizeOpt = DEMO_N_TEST, train: TrainOpt = False, device: DeviceOpt = "auto",
+def demo(output: DemoOutputOpt = Path("demo"), seed: SeedOpt = DEFAULT_SEED,
+         n_test: TestSizeOpt = DEMO_N_TEST, train: TrainOpt = False,
+         device: DeviceOpt = DEFAULT_DEVICE,
          steps: StepsOpt = 6000, batch_size: BatchSizeOpt = None, lr: LrOpt = 1e-3,
          n_train: TrainSizeOpt = None, n_eval: EvalSizeOpt = 1000,
          time_budget: TimeBudgetOpt = None, explain_fraction: ExplainOpt = 0.0,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from vtkit.cli.options import (
-    DEFAULT_MODEL,
     BaseDirOpt,
     BatchSizeOpt,
     DeviceOpt,
@@ -13,6 +10,7 @@ from vtkit.cli.options import (
     ForceOpt,
     ImageFolderOpt,
     ImageModeOpt,
+    JsonOpt,
     ModelBaseOpt,
     ModelPathOpt,
     NumSamplesOpt,
@@ -22,29 +20,41 @@ from vtkit.cli.options import (
     SeedOpt,
     SplitOpt,
 )
+from vtkit.cli.output import print_stage_json
+from vtkit.defaults import (
+    DEFAULT_BASE_DIR,
+    DEFAULT_DEVICE,
+    DEFAULT_MODEL,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_SEED,
+    DEFAULT_SPLIT,
+)
 
 
 def extract(
     model_path: ModelPathOpt = DEFAULT_MODEL,
     model_base: ModelBaseOpt = None,
-    base_dir: BaseDirOpt = Path("scienceqa"),
+    base_dir: BaseDirOpt = DEFAULT_BASE_DIR,
     question_file: QuestionFileOpt = None,
     image_folder: ImageFolderOpt = None,
-    split: SplitOpt = "test",
-    num_samples: NumSamplesOpt = -1,
-    output_dir: OutputDirOpt = Path("pruning_results"),
+    split: SplitOpt = DEFAULT_SPLIT,
+    num_samples: NumSamplesOpt = DEFAULT_NUM_SAMPLES,
+    output_dir: OutputDirOpt = DEFAULT_OUTPUT_DIR,
     image_mode: ImageModeOpt = None,
     batch_size: BatchSizeOpt = None,
     dtype: DtypeOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = DEFAULT_DEVICE,
     random_init: RandomInitOpt = False,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = DEFAULT_SEED,
     force: ForceOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Run the vision tower once per image question and cache features + importance scores.
 
     Writes OUTPUT_DIR/features.h5 (layout: docs/cache.md). Re-running with the same inputs does
-    nothing; a killed run resumes; other inputs are refused unless --force.
+    nothing; a killed run resumes; other inputs are refused unless --force. --json prints the
+    table's numbers as one JSON document on stdout.
 
     Example: vtkit extract --model-path demo/llava-tiny-hf --base-dir demo/scienceqa
     """
@@ -64,3 +74,5 @@ def extract(
     reporter.table("vtkit extract", ["cache", "images", "computed now", "MB per image", "seconds"],
                    [[str(result.path), result.num_images, result.num_computed,
                      result.bytes_per_image / 1e6, result.seconds]])
+    if json_output:
+        print_stage_json(result)

@@ -1,7 +1,8 @@
-"""Options shared by several commands, defined once as typed aliases.
+"""Options shared by several commands, defined once as typed aliases, and the k grid they give.
 
-Defaults follow the official LLaVA-1.5 ScienceQA protocol (conv mode ``vicuna_v1``, greedy
-decoding, the single-prediction prompt on). Environment variables set the defaults of
+The commands' signatures take their defaults from :mod:`vtkit.defaults`, as the stages' config
+classes do (the official LLaVA-1.5 ScienceQA protocol: conv mode ``vicuna_v1``, greedy decoding,
+the single-prediction prompt on). Environment variables set the defaults of
 ``--model-path`` (``MODEL_PATH``), ``--base-dir`` (``SCIENCEQA_DIR``) and ``--output-dir``
 (``OUTPUT_DIR``); a flag on the command line wins over both.
 """
@@ -15,6 +16,7 @@ from typing import Annotated, Literal
 import typer
 
 from vtkit.defaults import DEVICES, DTYPES, IMAGE_MODES, SCORERS
+from vtkit.errors import UsageError
 from vtkit.prompts import CONV_TEMPLATES
 
 # Fixed-value options parse as Literals built from the library's own tables: --help lists the
@@ -23,8 +25,6 @@ ConvMode = Literal[tuple(CONV_TEMPLATES)]
 Scorer = Literal[SCORERS]
 ImageMode = Literal[IMAGE_MODES]
 Dtype = Literal[DTYPES]
-
-DEFAULT_MODEL = "liuhaotian/llava-v1.5-7b"
 
 ModelPathOpt = Annotated[str, typer.Option(
     "--model-path", envvar="MODEL_PATH",
@@ -88,3 +88,40 @@ ForceOpt = Annotated[bool, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 MaxNewTokensOpt = Annotated[int, typer.Option(
     "--max-new-tokens", min=1, help="Longest answer to generate (the original uses 1024).")]
+ThresholdOpt = Annotated[float, typer.Option(
+    "--threshold",
+    help="Count singular values above this fraction of the largest (in (0, 1)); the default sits "
+         "above float16/bfloat16 rounding noise (docs/rank.md).")]
+
+# The sweep's k values and how it runs them (sweep, run, bench).
+MinOpt = Annotated[int, typer.Option("--min", help="Smallest k of the grid.")]
+MaxOpt = Annotated[int, typer.Option("--max", help="Largest k of the grid (swept first).")]
+StepOpt = Annotated[int, typer.Option("--step", help="Grid step: max, then multiples of step.")]
+TokensOpt = Annotated[str | None, typer.Option(
+    "--tokens",
+    help="Explicit comma-separated k values, e.g. 576,192,128,64 (overrides the grid).")]
+KeepAttentionOpt = Annotated[int, typer.Option(
+    "--keep-attention", min=0,
+    help="Also store the raw k x d attention outputs of the first N image questions.")]
+TokenBudgetOpt = Annotated[int | None, typer.Option(
+    "--token-budget", min=1, help="Prefill tokens per forward (default: from free GPU memory).")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the decoder's MLP and norms for prefill throughput (the "
+                      "first batches compile).")]
+
+
+def resolve_tokens(min_tokens: int, max_tokens: int, step: int, tokens: str | None) -> list[int]:
+    """The k values to sweep, from --tokens or from --min/--max/--step."""
+    if tokens:
+        try:
+            values = [int(t) for t in tokens.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(
+                f"--tokens: expected comma-separated integers, got {tokens!r}") from None
+        return values
+    from vtkit.pruning import token_grid
+
+    try:
+        return token_grid(min_tokens, max_tokens, step)
+    except ValueError as error:
+        raise UsageError(f"--min/--max/--step: {error}") from None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import PurePath
 from typing import Any
 
 import typer
@@ -19,9 +21,32 @@ console = Console(stderr=True)
 
 
 def print_json(document: Any) -> None:
-    """Print one JSON document on stdout."""
-    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    """Print one JSON document on stdout; result dataclasses become objects, paths strings."""
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=_plain) + "\n")
     sys.stdout.flush()
+
+
+def print_stage_json(document: Any) -> None:
+    """:func:`print_json` in the main process only: torchrun starts one process per GPU, and
+    stdout carries one document."""
+    from vtkit.parallel import launched_ranks
+
+    if launched_ranks().is_main:
+        print_json(document)
+
+
+def rank_json(result) -> dict[str, Any]:
+    """What `vtkit rank --json` prints of a RankResult: the file and the per-k summary."""
+    return {"ranks_file": str(result.path), **result.to_json(per_question=False)}
+
+
+def _plain(value: Any) -> Any:
+    """What json cannot encode by itself: the stages' result dataclasses and paths."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -9,6 +9,7 @@ import typer
 
 from vtkit.cli.options import JsonOpt, OutputDirOpt
 from vtkit.cli.output import print_json
+from vtkit.defaults import DEFAULT_OUTPUT_DIR
 
 CompareOpt = Annotated[list[Path] | None, typer.Option(
     "--compare", metavar="DIR",
@@ -17,7 +18,7 @@ CompareOpt = Annotated[list[Path] | None, typer.Option(
 
 
 def plot(
-    output_dir: OutputDirOpt = Path("pruning_results"),
+    output_dir: OutputDirOpt = DEFAULT_OUTPUT_DIR,
     compare: CompareOpt = None,
     json_output: JsonOpt = False,
 ) -> None:

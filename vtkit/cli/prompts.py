@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from vtkit.cli.options import (
-    DEFAULT_MODEL,
     BaseDirOpt,
     ConvModeOpt,
     ModelPathOpt,
@@ -18,6 +17,14 @@ from vtkit.cli.options import (
     SplitOpt,
 )
 from vtkit.cli.output import console
+from vtkit.defaults import (
+    DEFAULT_BASE_DIR,
+    DEFAULT_CONV_MODE,
+    DEFAULT_MODEL,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_SINGLE_PRED_PROMPT,
+    DEFAULT_SPLIT,
+)
 
 TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", help="Tokenizer directory or cached repo id. Default: --model-path.")]
@@ -30,11 +37,11 @@ def prompts(
     question_file: QuestionFileOpt = None,
     tokenizer: TokenizerOpt = None,
     model_path: ModelPathOpt = DEFAULT_MODEL,
-    base_dir: BaseDirOpt = Path("scienceqa"),
-    split: SplitOpt = "test",
-    conv_mode: ConvModeOpt = "vicuna_v1",
-    single_pred_prompt: SinglePredPromptOpt = True,
-    num_samples: NumSamplesOpt = -1,
+    base_dir: BaseDirOpt = DEFAULT_BASE_DIR,
+    split: SplitOpt = DEFAULT_SPLIT,
+    conv_mode: ConvModeOpt = DEFAULT_CONV_MODE,
+    single_pred_prompt: SinglePredPromptOpt = DEFAULT_SINGLE_PRED_PROMPT,
+    num_samples: NumSamplesOpt = DEFAULT_NUM_SAMPLES,
 ) -> None:
     """Write, per question, the full prompt and its token ids (the image as -200), so you can
     check what the model sees.

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
-import typer
-
-from vtkit.cli.options import JsonOpt, OutputDirOpt
-from vtkit.cli.output import print_json
-from vtkit.defaults import DEFAULT_THRESHOLD
+from vtkit.cli.options import JsonOpt, OutputDirOpt, ThresholdOpt
+from vtkit.cli.output import print_json, rank_json
+from vtkit.defaults import DEFAULT_OUTPUT_DIR, DEFAULT_THRESHOLD
 from vtkit.errors import UsageError
-
-ThresholdOpt = Annotated[float, typer.Option(
-    "--threshold",
-    help="Count singular values above this fraction of the largest (in (0, 1)); 1e-3 sits above "
-         "float16/bfloat16 rounding noise (docs/rank.md).")]
 
 
 def rank(
-    output_dir: OutputDirOpt = Path("pruning_results"),
+    output_dir: OutputDirOpt = DEFAULT_OUTPUT_DIR,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     json_output: JsonOpt = False,
 ) -> None:
@@ -40,4 +30,4 @@ def rank(
 
     result = compute_ranks(RankConfig(output_dir=output_dir, threshold=threshold), RichReporter())
     if json_output:
-        print_json({"ranks_file": str(result.path), **result.to_json(per_question=False)})
+        print_json(rank_json(result))

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
-import typer
-
 from vtkit.cli.options import (
-    DEFAULT_MODEL,
     BaseDirOpt,
     BatchSizeOpt,
+    CompileOpt,
     ConvModeOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     ImageFolderOpt,
     ImageModeOpt,
+    JsonOpt,
+    KeepAttentionOpt,
     MaxNewTokensOpt,
+    MaxOpt,
+    MinOpt,
     ModelBaseOpt,
     ModelPathOpt,
     NumSamplesOpt,
@@ -28,44 +27,69 @@ from vtkit.cli.options import (
     SeedOpt,
     SinglePredPromptOpt,
     SplitOpt,
+    StepOpt,
     TemperatureOpt,
+    ThresholdOpt,
+    TokenBudgetOpt,
+    TokensOpt,
+    resolve_tokens,
 )
-from vtkit.cli.sweep import KeepAttentionOpt, MaxOpt, MinOpt, StepOpt, TokensOpt, resolve_tokens
-from vtkit.defaults import DEFAULT_THRESHOLD
-
-ThresholdOpt = Annotated[float, typer.Option(
-    "--threshold", help="Rank threshold relative to the largest singular value.")]
+from vtkit.cli.output import print_json, rank_json
+from vtkit.defaults import (
+    DEFAULT_BASE_DIR,
+    DEFAULT_CONV_MODE,
+    DEFAULT_DEVICE,
+    DEFAULT_KEEP_ATTENTION,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_SCORER,
+    DEFAULT_SEED,
+    DEFAULT_SINGLE_PRED_PROMPT,
+    DEFAULT_SPLIT,
+    DEFAULT_STEP,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_THRESHOLD,
+)
 
 
 def run(
     model_path: ModelPathOpt = DEFAULT_MODEL,
     model_base: ModelBaseOpt = None,
-    base_dir: BaseDirOpt = Path("scienceqa"),
+    base_dir: BaseDirOpt = DEFAULT_BASE_DIR,
     question_file: QuestionFileOpt = None,
     image_folder: ImageFolderOpt = None,
-    split: SplitOpt = "test",
-    num_samples: NumSamplesOpt = -1,
-    output_dir: OutputDirOpt = Path("pruning_results"),
-    min_tokens: MinOpt = 20,
-    max_tokens: MaxOpt = 576,
-    step: StepOpt = 10,
+    split: SplitOpt = DEFAULT_SPLIT,
+    num_samples: NumSamplesOpt = DEFAULT_NUM_SAMPLES,
+    output_dir: OutputDirOpt = DEFAULT_OUTPUT_DIR,
+    min_tokens: MinOpt = DEFAULT_MIN_TOKENS,
+    max_tokens: MaxOpt = DEFAULT_MAX_TOKENS,
+    step: StepOpt = DEFAULT_STEP,
     tokens: TokensOpt = None,
-    scorer: ScorerOpt = "l2",
-    conv_mode: ConvModeOpt = "vicuna_v1",
-    single_pred_prompt: SinglePredPromptOpt = True,
-    temperature: TemperatureOpt = 0.0,
-    seed: SeedOpt = 0,
-    max_new_tokens: MaxNewTokensOpt = 1024,
+    scorer: ScorerOpt = DEFAULT_SCORER,
+    conv_mode: ConvModeOpt = DEFAULT_CONV_MODE,
+    single_pred_prompt: SinglePredPromptOpt = DEFAULT_SINGLE_PRED_PROMPT,
+    temperature: TemperatureOpt = DEFAULT_TEMPERATURE,
+    seed: SeedOpt = DEFAULT_SEED,
+    max_new_tokens: MaxNewTokensOpt = DEFAULT_MAX_NEW_TOKENS,
     image_mode: ImageModeOpt = None,
     batch_size: BatchSizeOpt = None,
-    keep_attention: KeepAttentionOpt = 2,
+    token_budget: TokenBudgetOpt = None,
+    keep_attention: KeepAttentionOpt = DEFAULT_KEEP_ATTENTION,
+    compile_decoder: CompileOpt = False,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     dtype: DtypeOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = DEFAULT_DEVICE,
     random_init: RandomInitOpt = False,
     force: ForceOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Run extract, sweep, rank and plot in one go (the model is loaded once).
+
+    --json prints the four stages' results as one JSON document on stdout.
 
     Example (the single-script version's settings): vtkit run --model-path
     liuhaotian/llava-v1.5-7b --base-dir ScienceQA --conv-mode llava_v1 --temperature 0.2
@@ -92,7 +116,7 @@ def run(
         **common, tokens=resolve_tokens(min_tokens, max_tokens, step, tokens), scorer=scorer,
         conv_mode=conv_mode, single_pred_prompt=single_pred_prompt, temperature=temperature,
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        keep_attention=keep_attention)
+        token_budget=token_budget, keep_attention=keep_attention, compile=compile_decoder)
     rank_config = RankConfig(output_dir=output_dir, threshold=threshold)
     # Every flag, and the grid against the checkpoint's patch count, before any model work.
     extract_config.validate()
@@ -104,8 +128,11 @@ def run(
         ranks = init_ranks(device)
         model = load_model(model_path, model_base, random_init=random_init, dtype=dtype,
                            device=ranks.device(device))
-        extract(extract_config, reporter, model=model)
-        run_sweep(sweep_config, reporter, model=model)
+        extracted = extract(extract_config, reporter, model=model)
+        swept = run_sweep(sweep_config, reporter, model=model)
         if ranks.is_main:
-            compute_ranks(rank_config, reporter)
-            make_plots(PlotConfig(output_dir=output_dir), reporter)
+            ranked = compute_ranks(rank_config, reporter)
+            plotted = make_plots(PlotConfig(output_dir=output_dir), reporter)
+            if json_output:
+                print_json({"extract": extracted, "sweep": swept, "rank": rank_json(ranked),
+                            "plot": plotted.to_json()})

@@ -9,6 +9,7 @@ import typer
 
 from vtkit.cli.options import BaseDirOpt, JsonOpt, SplitOpt
 from vtkit.cli.output import print_json
+from vtkit.defaults import DEFAULT_BASE_DIR, DEFAULT_SPLIT
 from vtkit.errors import UsageError
 
 AnswersArg = Annotated[Path | None, typer.Argument(
@@ -26,8 +27,8 @@ OutputResultOpt = Annotated[Path | None, typer.Option(
 def score(
     answers: AnswersArg = None,
     result_file: ResultFileOpt = None,
-    base_dir: BaseDirOpt = Path("scienceqa"),
-    split: SplitOpt = "test",
+    base_dir: BaseDirOpt = DEFAULT_BASE_DIR,
+    split: SplitOpt = DEFAULT_SPLIT,
     json_output: JsonOpt = False,
     output_file: OutputFileOpt = None,
     output_result: OutputResultOpt = None,

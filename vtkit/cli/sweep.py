@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
-import typer
-
 from vtkit.cli.options import (
-    DEFAULT_MODEL,
     BaseDirOpt,
     BatchSizeOpt,
+    CompileOpt,
     ConvModeOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     ImageFolderOpt,
+    JsonOpt,
+    KeepAttentionOpt,
     MaxNewTokensOpt,
+    MaxOpt,
+    MinOpt,
     ModelBaseOpt,
     ModelPathOpt,
     NumSamplesOpt,
@@ -27,75 +26,67 @@ from vtkit.cli.options import (
     SeedOpt,
     SinglePredPromptOpt,
     SplitOpt,
+    StepOpt,
     TemperatureOpt,
+    TokenBudgetOpt,
+    TokensOpt,
+    resolve_tokens,
 )
-from vtkit.errors import UsageError
-
-MinOpt = Annotated[int, typer.Option("--min", help="Smallest k of the grid.")]
-MaxOpt = Annotated[int, typer.Option("--max", help="Largest k of the grid (swept first).")]
-StepOpt = Annotated[int, typer.Option("--step", help="Grid step: max, then multiples of step.")]
-TokensOpt = Annotated[str | None, typer.Option(
-    "--tokens",
-    help="Explicit comma-separated k values, e.g. 576,192,128,64 (overrides the grid).")]
-KeepAttentionOpt = Annotated[int, typer.Option(
-    "--keep-attention", min=0,
-    help="Also store the raw k x d attention outputs of the first N image questions.")]
-CompileOpt = Annotated[bool, typer.Option(
-    "--compile", help="torch.compile the decoder's MLP and norms for prefill throughput.")]
-TokenBudgetOpt = Annotated[int | None, typer.Option(
-    "--token-budget", min=1, help="Prefill tokens per forward (default: from free GPU memory).")]
-
-
-def resolve_tokens(min_tokens: int, max_tokens: int, step: int, tokens: str | None) -> list[int]:
-    """The k values to sweep, from --tokens or from --min/--max/--step."""
-    if tokens:
-        try:
-            values = [int(t) for t in tokens.split(",") if t.strip()]
-        except ValueError:
-            raise UsageError(
-                f"--tokens: expected comma-separated integers, got {tokens!r}") from None
-        return values
-    from vtkit.pruning import token_grid
-
-    try:
-        return token_grid(min_tokens, max_tokens, step)
-    except ValueError as error:
-        raise UsageError(f"--min/--max/--step: {error}") from None
+from vtkit.cli.output import print_stage_json
+from vtkit.defaults import (
+    DEFAULT_BASE_DIR,
+    DEFAULT_CONV_MODE,
+    DEFAULT_DEVICE,
+    DEFAULT_KEEP_ATTENTION,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_SCORER,
+    DEFAULT_SEED,
+    DEFAULT_SINGLE_PRED_PROMPT,
+    DEFAULT_SPLIT,
+    DEFAULT_STEP,
+    DEFAULT_TEMPERATURE,
+)
 
 
 def sweep(
     model_path: ModelPathOpt = DEFAULT_MODEL,
     model_base: ModelBaseOpt = None,
-    base_dir: BaseDirOpt = Path("scienceqa"),
+    base_dir: BaseDirOpt = DEFAULT_BASE_DIR,
     question_file: QuestionFileOpt = None,
     image_folder: ImageFolderOpt = None,
-    split: SplitOpt = "test",
-    num_samples: NumSamplesOpt = -1,
-    output_dir: OutputDirOpt = Path("pruning_results"),
-    min_tokens: MinOpt = 20,
-    max_tokens: MaxOpt = 576,
-    step: StepOpt = 10,
+    split: SplitOpt = DEFAULT_SPLIT,
+    num_samples: NumSamplesOpt = DEFAULT_NUM_SAMPLES,
+    output_dir: OutputDirOpt = DEFAULT_OUTPUT_DIR,
+    min_tokens: MinOpt = DEFAULT_MIN_TOKENS,
+    max_tokens: MaxOpt = DEFAULT_MAX_TOKENS,
+    step: StepOpt = DEFAULT_STEP,
     tokens: TokensOpt = None,
-    scorer: ScorerOpt = "l2",
-    conv_mode: ConvModeOpt = "vicuna_v1",
-    single_pred_prompt: SinglePredPromptOpt = True,
-    temperature: TemperatureOpt = 0.0,
-    seed: SeedOpt = 0,
-    max_new_tokens: MaxNewTokensOpt = 1024,
+    scorer: ScorerOpt = DEFAULT_SCORER,
+    conv_mode: ConvModeOpt = DEFAULT_CONV_MODE,
+    single_pred_prompt: SinglePredPromptOpt = DEFAULT_SINGLE_PRED_PROMPT,
+    temperature: TemperatureOpt = DEFAULT_TEMPERATURE,
+    seed: SeedOpt = DEFAULT_SEED,
+    max_new_tokens: MaxNewTokensOpt = DEFAULT_MAX_NEW_TOKENS,
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
-    keep_attention: KeepAttentionOpt = 2,
+    keep_attention: KeepAttentionOpt = DEFAULT_KEEP_ATTENTION,
     compile_decoder: CompileOpt = False,
     dtype: DtypeOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = DEFAULT_DEVICE,
     random_init: RandomInitOpt = False,
     force: ForceOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Keep the top-k visual tokens for every k of the grid and run LLaVA on ScienceQA.
 
     Reads OUTPUT_DIR/features.h5 from `vtkit extract`; writes OUTPUT_DIR/sweep.h5 and
     OUTPUT_DIR/answers/k{K}.jsonl (LLaVA's answer format). A killed run resumes from its last
-    finished batch.
+    finished batch. --json prints the per-k accuracies as one JSON document on stdout.
 
     Example: vtkit sweep --model-path demo/llava-tiny-hf --base-dir demo/scienceqa
     --min 20 --max 576 --step 10
@@ -115,4 +106,6 @@ def sweep(
         dtype=dtype, device=device,
         random_init=random_init, force=force,
     )
-    run_sweep(config, stage_reporter())
+    result = run_sweep(config, stage_reporter())
+    if json_output:
+        print_stage_json(result)
