@@ -11,18 +11,15 @@ from typer.testing import CliRunner
 
 from vtkit.cli.main import app
 from vtkit.data import select_questions
-from vtkit.demo import (
+from vtkit.demo.task import (
     DEMO_MODEL_DIR,
     TRAINING_RECORD,
     generate_problems,
     render_scene,
     write_demo_model,
 )
-from vtkit.images import load_image, preprocess_images
-from vtkit.model import load_model
-from vtkit.sweep import SweepConfig, _prepare_items, prefill
-from vtkit.tiny import TOKENIZER_DIR
-from vtkit.train import (
+from vtkit.demo.tiny import TOKENIZER_DIR
+from vtkit.demo.train import (
     DemoExamples,
     TrainBatches,
     TrainConfig,
@@ -33,6 +30,9 @@ from vtkit.train import (
     patch_labels,
     train_demo_model,
 )
+from vtkit.images import load_image, preprocess_images
+from vtkit.model import load_model
+from vtkit.sweep import SweepConfig, _prepare_items, prefill
 
 #: The bars of issue 6 (demo test split, l2 scorer).
 MIN_ACCURACY_576 = 85.0
@@ -130,10 +130,10 @@ def test_demo_can_still_write_the_random_model(tmp_path):
 
 
 def test_write_demo_model_refuses_a_missing_model(tmp_path, monkeypatch):
-    from vtkit import demo
+    from vtkit.demo import task
     from vtkit.errors import DataError
 
-    monkeypatch.setattr(demo, "DEMO_MODEL_DIR", tmp_path / "nothing")
+    monkeypatch.setattr(task, "DEMO_MODEL_DIR", tmp_path / "nothing")
     with pytest.raises(DataError, match="nothing"):
         write_demo_model(tmp_path / "out")
 
@@ -172,7 +172,7 @@ def test_patch_labels_say_what_each_preprocessed_patch_shows():
             saturated = centres.max(0) - centres.min(0) > 60
             assert (saturated == object_here).mean() > 0.97, problem.pid
             # The colour label is the nearest of the four colours to the patch's centre pixel.
-            from vtkit.demo import COLOURS
+            from vtkit.demo.task import COLOURS
             palette = torch.tensor(list(COLOURS.values())).float()
             nearest = torch.cdist(torch.from_numpy(centres.T).float(), palette).argmin(1) + 1
             agree = (nearest.numpy() == colour)[object_here & saturated]
@@ -294,8 +294,8 @@ def test_training_runs_saves_both_formats_and_the_loss_falls(tmp_path):
     assert record["steps"] == 24 and record["seed"] == 0 and record["command"] == "pytest"
     hf = load_model(result.paths["hf"], dtype="float32", device="cpu")
     # The patch probe is a training device: the saved model is plain LLaVA.
-    from vtkit.tiny import random_tiny_model
-    from vtkit.train import model_config
+    from vtkit.demo.tiny import random_tiny_model
+    from vtkit.demo.train import model_config
     plain = random_tiny_model(model_config(_small_config(tmp_path)), 0)
     assert set(hf.hf.state_dict()) == set(plain.state_dict())
     orig = load_model(result.paths["orig"], dtype="float32", device="cpu")

@@ -46,7 +46,7 @@ class BenchConfig:
 
 def shape_config(shape: str):
     """The LlavaConfig of a named model shape."""
-    from vtkit.tiny import tiny_config
+    from vtkit.demo.tiny import tiny_config
 
     if shape == "tiny":
         return tiny_config()
@@ -175,10 +175,10 @@ def seed_style_seconds(model, selection, items, k: int, sweep_config) -> float:
 def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     """Build the model, run extract + sweep on synthetic questions, return the measurements."""
     from vtkit.data import select_questions
+    from vtkit.demo.tiny import write_config_checkpoint
     from vtkit.extract import ExtractConfig, extract
     from vtkit.model import load_model
     from vtkit.sweep import SweepConfig, _prepare_items, sweep
-    from vtkit.tiny import write_config_checkpoint
 
     reporter = reporter or Reporter()
     out = Path(config.output_dir)

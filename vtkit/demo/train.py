@@ -1,10 +1,11 @@
 """Training the demo model (``vtkit demo --train``): a tiny LLaVA that learns the demo task.
 
-The model is the tiny LLaVA of :mod:`vtkit.tiny` (transformers' ``LlavaForConditionalGeneration``:
-a CLIP-shaped tower at 336 px with 14-px patches, so 576 visual tokens; features from its
-penultimate layer; a Linear-GELU-Linear projector; a small Llama decoder; the tiny tokenizer),
-initialised by :func:`vtkit.tiny.random_tiny_model` and trained end to end on the demo's train
-split (:func:`vtkit.demo.generate_problems`), rendered on the fly, never written to disk.
+The model is the tiny LLaVA of :mod:`vtkit.demo.tiny` (transformers'
+``LlavaForConditionalGeneration``: a CLIP-shaped tower at 336 px with 14-px patches, so 576 visual
+tokens; features from its penultimate layer; a Linear-GELU-Linear projector; a small Llama decoder;
+the tiny tokenizer), initialised by :func:`vtkit.demo.tiny.random_tiny_model` and trained end to
+end on the demo's train split (:func:`vtkit.demo.task.generate_problems`), rendered on the fly,
+never written to disk.
 
 Every example is what the evaluation feeds the model: the CQM-A question text, the ``vicuna_v1``
 template with the single-prediction instruction, the prompt tokenized chunk by chunk around
@@ -21,7 +22,7 @@ it off.
 
 Runs are reproducible: the seed fixes the initial weights, the training problems and their
 order. The learning rate warms up, holds at its peak, then decays (cosine) to a small floor.
-The result is written with :func:`vtkit.tiny.save_tiny_checkpoints` (HF and original format),
+The result is written with :func:`vtkit.demo.tiny.save_tiny_checkpoints` (HF and original format),
 then measured through the real pipeline (extract + sweep, ``l2`` scorer, k = 576 and 20) on the
 demo's test split, and everything is recorded in ``training.json`` next to the HF checkpoint.
 """
@@ -43,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vtkit import __version__, cache
 from vtkit.data import build_question_entries, question_from_entry
-from vtkit.demo import (
+from vtkit.demo.task import (
     CELL,
     COLOURS,
     GRAYSCALE_MODES,
@@ -109,7 +110,7 @@ class TrainConfig:
     workers: int | None = None     # data-loading processes (None: 0 on CPU, up to 14 on CUDA)
     save_dtype: str = "float16"    # dtype of the saved weights (float16 keeps the shipped model
                                    # small; the evaluation loads them as float32)
-    # Model shape (see vtkit.tiny.tiny_config): larger than the test fixtures, small enough
+    # Model shape (see vtkit.demo.tiny.tiny_config): larger than the test fixtures, small enough
     # that `make all` sweeps it in about a minute on two CPU cores and that it ships in < 5 MB.
     text_hidden_size: int = 128
     text_layers: int = 6           # prompt -> answer -> option letter takes several hops
@@ -157,8 +158,8 @@ def check_config(config: TrainConfig) -> None:
 
 
 def model_config(config: TrainConfig):
-    """The LlavaConfig of the model to train (:func:`vtkit.tiny.tiny_config` with its shape)."""
-    from vtkit.tiny import tiny_config
+    """The LlavaConfig of the model to train (:func:`vtkit.demo.tiny.tiny_config`, its shape)."""
+    from vtkit.demo.tiny import tiny_config
 
     return tiny_config(
         text_hidden_size=config.text_hidden_size, text_layers=config.text_layers,
@@ -223,8 +224,8 @@ def patch_labels(scene: Scene, size: tuple[int, int], mode: str, image_size: int
 
     Each patch is judged at its centre, mapped back through the ``pad`` preprocessing (the
     image of ``size`` padded to a centred square, resized to ``image_size``) and
-    :func:`vtkit.demo.scene_to_image` into scene coordinates. ``colour``: 0 background, else 1 +
-    the index of the colour of the object drawn there (:data:`IGNORE` in grayscale modes);
+    :func:`vtkit.demo.task.scene_to_image` into scene coordinates. ``colour``: 0 background,
+    else 1 + the index of the colour of the object drawn there (:data:`IGNORE` in grayscale modes);
     ``shape``: 0 background, else 1 + the shape's index; ``centre``: 1 on the patch that holds
     an object's centre; ``cell``: the 3 x 3 grid cell (0-8), 9 outside the scene (padding).
     """
@@ -568,15 +569,15 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
     """Train the demo model, save it in both formats under ``config.output_dir``, measure it
     through the pipeline and write ``training.json`` next to the HF checkpoint.
 
-    Returns the checkpoint paths (as :func:`vtkit.tiny.save_tiny_checkpoints`), the record and
+    Returns the checkpoint paths (as :func:`vtkit.demo.tiny.save_tiny_checkpoints`), the record and
     the wall time. ``time_budget`` (seconds) times the warm-up steps and then fixes the step
     count (at most ``steps``) so training fits; the record says which count was used, and
     passing it as ``steps`` repeats the run.
     """
     from transformers import __version__ as transformers_version
 
+    from vtkit.demo.tiny import TOKENIZER_DIR, random_tiny_model, save_tiny_checkpoints
     from vtkit.model import load_tokenizer, resolve_device
-    from vtkit.tiny import TOKENIZER_DIR, random_tiny_model, save_tiny_checkpoints
 
     check_config(config)
     reporter = reporter or Reporter()
@@ -695,7 +696,7 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
     output_dir = Path(config.output_dir)
     paths = save_tiny_checkpoints(hf, output_dir)
     record = {
-        "command": config.command or "vtkit.train.train_demo_model (Python API)",
+        "command": config.command or "vtkit.demo.train.train_demo_model (Python API)",
         "vtkit_version": __version__,
         "seed": config.seed,
         "config": config.to_dict(),
@@ -747,7 +748,7 @@ def evaluate_checkpoint(model_path: Path, *, n_test: int, seed: int = 0,
     Returns ``{"scorer", "n_test", "questions", "image_questions", "accuracy": {k: %},
     "img_accuracy": {k: %}}`` (keys of the dicts are str(k), as in JSON).
     """
-    from vtkit.demo import write_demo_scienceqa
+    from vtkit.demo.task import write_demo_scienceqa
     from vtkit.extract import ExtractConfig, extract
     from vtkit.model import load_model
     from vtkit.sweep import SweepConfig, sweep
