@@ -316,3 +316,14 @@ def test_time_budget_fixes_the_step_count(tmp_path):
     result = train_demo_model(_small_config(tmp_path / "model", steps=50, warmup_steps=12,
                                             eval_every=100, time_budget=1e-3, n_train=16))
     assert result.record["steps"] == 13   # the budget is spent once warm-up has been timed
+
+
+def test_training_measures_the_saved_model_through_the_pipeline(tmp_path):
+    result = train_demo_model(_small_config(tmp_path / "model", steps=2, eval_every=2, n_eval=6))
+    evaluation = result.record["evaluation"]
+    assert evaluation["questions"] == evaluation["n_test"] == 6
+    assert 0 < evaluation["image_questions"] < 6
+    assert list(evaluation["accuracy"]) == list(evaluation["img_accuracy"]) == ["576", "20"]
+    assert all(0 <= v <= 100 for v in evaluation["accuracy"].values())
+    saved = json.loads((result.paths["hf"] / TRAINING_RECORD).read_text())
+    assert saved["evaluation"] == evaluation

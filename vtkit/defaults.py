@@ -13,5 +13,7 @@ IMAGE_MODES = ("pad", "crop")
 DTYPES = ("float16", "bfloat16", "float32")
 #: The --device values; ``cuda:N`` names the GPU of index N.
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+#: The conversation template of the official LLaVA-1.5 ScienceQA evaluation.
+DEFAULT_CONV_MODE = "vicuna_v1"
 #: Relative cut-off for the numerical rank: above float16/bfloat16 rounding noise (docs/rank.md).
 DEFAULT_THRESHOLD = 1e-3
