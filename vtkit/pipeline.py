@@ -130,6 +130,7 @@ class _StageMeter:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        """Measure the stage run inside the block, recorded under ``name``."""
         cuda = self.device.type == "cuda"
         synchronize(self.device)
         if cuda:
