@@ -27,7 +27,7 @@ def llama2_tokenizer(reference_data):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
     """Tiny LLaVA checkpoints in both formats: {"hf": Path, "orig": Path, "clip": Path}."""
-    from vtkit.tiny import build_tiny_checkpoints
+    from vtkit.demo.tiny import build_tiny_checkpoints
 
     return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"), seed=0)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vtkit import demo
 from vtkit.data import build_question_entries, load_question_file, write_question_file
+from vtkit.demo import task
 from vtkit.errors import UsageError
 
 FIELDS = ("question", "choices", "answer", "hint", "image", "task", "grade", "subject", "topic",
@@ -64,7 +64,7 @@ def test_layout_and_fields(demo_scienceqa):
 
 
 def test_images_in_every_mode_and_several_sizes(demo_scienceqa):
-    generated = {p.pid: p for p in demo.generate_problems("test", 60, seed=0)}
+    generated = {p.pid: p for p in task.generate_problems("test", 60, seed=0)}
     modes, sizes = Counter(), Counter()
     for image_path in (demo_scienceqa / "images" / "test").glob("*/image.png"):
         with Image.open(image_path) as image:
@@ -79,7 +79,7 @@ def test_images_in_every_mode_and_several_sizes(demo_scienceqa):
 def test_images_show_their_scene(demo_scienceqa):
     """Every object centre has the object's colour, every empty cell the background; RGBA/LA
     images are opaque exactly on the objects."""
-    for problem in demo.generate_problems("test", 60, seed=0):
+    for problem in task.generate_problems("test", 60, seed=0):
         if problem.scene is None:
             continue
         scene, size = problem.scene, problem.size
@@ -92,27 +92,27 @@ def test_images_show_their_scene(demo_scienceqa):
             return (_grey(colour),) * 3 if grey else colour
 
         for obj in scene.objects:
-            point = demo.scene_to_image(scene, obj.centre, size)
-            assert rgb.getpixel(point) == expected(demo.COLOURS[obj.colour]), problem.pid
+            point = task.scene_to_image(scene, obj.centre, size)
+            assert rgb.getpixel(point) == expected(task.COLOURS[obj.colour]), problem.pid
             if "A" in problem.mode:
                 assert image.getpixel(point)[-1] == 255
-        empty = [(r, c) for r in range(demo.GRID) for c in range(demo.GRID) if not scene.at(r, c)]
+        empty = [(r, c) for r in range(task.GRID) for c in range(task.GRID) if not scene.at(r, c)]
         for row, col in empty:
-            centre = ((col + 0.5) * demo.CELL, (row + 0.5) * demo.CELL)
-            point = demo.scene_to_image(scene, centre, size)
+            centre = ((col + 0.5) * task.CELL, (row + 0.5) * task.CELL)
+            point = task.scene_to_image(scene, centre, size)
             assert rgb.getpixel(point) == expected(scene.background), problem.pid
             if "A" in problem.mode:
                 assert image.getpixel(point)[-1] == 0
 
 
 def test_same_seed_same_bytes_and_splits_independent(tmp_path, demo_scienceqa):
-    first = demo.write_demo_scienceqa(tmp_path / "a", seed=3, n_test=20, n_train=20, n_val=20)
-    second = demo.write_demo_scienceqa(tmp_path / "b", seed=3, n_test=20, n_train=20, n_val=20)
+    first = task.write_demo_scienceqa(tmp_path / "a", seed=3, n_test=20, n_train=20, n_val=20)
+    second = task.write_demo_scienceqa(tmp_path / "b", seed=3, n_test=20, n_train=20, n_val=20)
     files = _files(first)
     assert files == _files(second)
     assert any(name.startswith("images/train/") for name in files)
     assert any(name.startswith("images/val/") for name in files)
-    other = demo.write_demo_scienceqa(tmp_path / "c", seed=4, n_test=20)
+    other = task.write_demo_scienceqa(tmp_path / "c", seed=4, n_test=20)
     assert (other / "problems.json").read_bytes() != files["problems.json"]
 
     # The test split does not change with the other splits' sizes, and its first n problems are
@@ -123,13 +123,13 @@ def test_same_seed_same_bytes_and_splits_independent(tmp_path, demo_scienceqa):
     reference, reference_splits = _load(demo_scienceqa)
     assert splits["test"] == reference_splits["test"][:20]
     assert problems[splits["test"][0]] != reference[reference_splits["test"][0]]  # seed 3 vs 0
-    longer = demo.generate_problems("test", 60, seed=3)
+    longer = task.generate_problems("test", 60, seed=3)
     assert [p.problem for p in longer[:20]] == [problems[pid] for pid in splits["test"]]
 
 
 def test_rewrite_removes_stale_images(tmp_path):
-    folder = demo.write_demo_scienceqa(tmp_path / "d", seed=0, n_test=20, n_train=10)
-    demo.write_demo_scienceqa(folder, seed=0, n_test=20)
+    folder = task.write_demo_scienceqa(tmp_path / "d", seed=0, n_test=20, n_train=10)
+    task.write_demo_scienceqa(folder, seed=0, n_test=20)
     assert not (folder / "images" / "train").exists()
 
 
@@ -147,12 +147,12 @@ def test_cqma_file_is_what_vtkit_data_builds(demo_scienceqa, tmp_path):
         assert question.text.startswith("<image>\n") == question.has_image
 
 
-def _scene_truth(problem: demo.DemoProblem) -> str:
+def _scene_truth(problem: task.DemoProblem) -> str:
     """The answer recomputed from the scene, independently of vtkit.demo's own answer code."""
     objects, params = problem.scene.objects, problem.params
     kind = problem.template
     if kind in ("colour_at", "shape_at"):
-        (obj,) = [o for o in objects if demo.POSITIONS[(o.row, o.col)] == params["position"]]
+        (obj,) = [o for o in objects if task.POSITIONS[(o.row, o.col)] == params["position"]]
         return obj.colour if kind == "colour_at" else obj.shape
     if kind == "count_colour":
         return str(sum(o.colour == params["colour"] for o in objects))
@@ -165,7 +165,7 @@ def _scene_truth(problem: demo.DemoProblem) -> str:
     return "yes" if found else "no"
 
 
-def _text_truth(problem: demo.DemoProblem) -> str:
+def _text_truth(problem: task.DemoProblem) -> str:
     """The answer read off the hint (or the question alone) of a text-only problem."""
     hint, question = problem.problem["hint"], problem.problem["question"]
     if problem.template == "count_story":
@@ -183,7 +183,7 @@ def _text_truth(problem: demo.DemoProblem) -> str:
 
 @pytest.mark.parametrize("split", ["test", "train"])
 def test_every_answer_is_right_and_the_only_right_choice(split):
-    for problem in demo.generate_problems(split, 400, seed=1):
+    for problem in task.generate_problems(split, 400, seed=1):
         record = problem.problem
         truth = _scene_truth(problem) if problem.scene else _text_truth(problem)
         assert record["choices"].count(truth) == 1, problem.pid
@@ -193,18 +193,18 @@ def test_every_answer_is_right_and_the_only_right_choice(split):
         for word in problem.params.values():
             assert word in record["question"]
         if problem.mode in ("L", "LA"):
-            assert not demo.IMAGE_TEMPLATES[problem.template].needs_colour, problem.pid
+            assert not task.IMAGE_TEMPLATES[problem.template].needs_colour, problem.pid
         cells = [(o.row, o.col) for o in problem.scene.objects]
         assert len(set(cells)) == len(cells)
         for obj in problem.scene.objects:
             x0, y0, x1, y1 = obj.box
             assert x1 - x0 == y1 - y0 and 72 <= x1 - x0 <= 90
-            assert obj.col * demo.CELL <= x0 and x1 <= (obj.col + 1) * demo.CELL
-            assert obj.row * demo.CELL <= y0 and y1 <= (obj.row + 1) * demo.CELL
+            assert obj.col * task.CELL <= x0 and x1 <= (obj.col + 1) * task.CELL
+            assert obj.row * task.CELL <= y0 and y1 <= (obj.row + 1) * task.CELL
 
 
 def test_options_fixed_per_kind_answers_balanced_and_text_alone_near_chance():
-    generated = demo.generate_problems("test", 1000, seed=0)
+    generated = task.generate_problems("test", 1000, seed=0)
     problems = {p.pid: p.problem for p in generated}
     by_kind = {}
     for p in generated:
@@ -217,30 +217,30 @@ def test_options_fixed_per_kind_answers_balanced_and_text_alone_near_chance():
         n_options = len(records[0]["choices"])
         assert 2 <= n_options <= 5
         assert len(letters) == n_options and max(letters.values()) - min(letters.values()) <= 1
-    assert {p.template for p in generated} == set(demo.IMAGE_TEMPLATES) | {
+    assert {p.template for p in generated} == set(task.IMAGE_TEMPLATES) | {
         "count_story", "owner_colour", "line_order", "shape_corners"}
     with_image = [p.pid for p in generated if p.scene is not None]
-    chance = demo.chance_accuracy(problems, with_image)
+    chance = task.chance_accuracy(problems, with_image)
     assert 0.25 < chance < 0.35
-    assert demo.text_only_baseline(problems, with_image) <= chance + 0.05
+    assert task.text_only_baseline(problems, with_image) <= chance + 0.05
 
 
 def test_text_only_baseline_catches_leaks():
-    generated = demo.generate_problems("test", 400, seed=0)
+    generated = task.generate_problems("test", 400, seed=0)
     pids = [p.pid for p in generated if p.scene is not None]
     always_a = {p.pid: copy.deepcopy(p.problem) for p in generated}
     for record in always_a.values():
         right = record["choices"].pop(record["answer"])
         record["choices"].insert(0, right)
         record["answer"] = 0
-    assert demo.text_only_baseline(always_a, pids) > 0.95
+    assert task.text_only_baseline(always_a, pids) > 0.95
     # A correct text that follows from the choice set (here: the last in sorted order).
     by_text = {p.pid: copy.deepcopy(p.problem) for p in generated}
     for record in by_text.values():
         record["answer"] = record["choices"].index(max(record["choices"]))
-    assert demo.text_only_baseline(by_text, pids) > 0.8
+    assert task.text_only_baseline(by_text, pids) > 0.8
 
 
 def test_negative_split_size_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="train"):
-        demo.write_demo_scienceqa(tmp_path / "e", n_train=-1)
+        task.write_demo_scienceqa(tmp_path / "e", n_train=-1)

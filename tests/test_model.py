@@ -17,6 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from vtkit.demo.tiny import (
+    TOKENIZER_DIR,
+    TOKENIZER_VOCAB_SIZE,
+    build_tiny_checkpoints,
+    train_tiny_tokenizer,
+)
 from vtkit.errors import DataError, UsageError
 from vtkit.images import preprocess_images
 from vtkit.model import (
@@ -25,12 +31,6 @@ from vtkit.model import (
     load_model,
     original_text_config,
     read_config,
-)
-from vtkit.tiny import (
-    TOKENIZER_DIR,
-    TOKENIZER_VOCAB_SIZE,
-    build_tiny_checkpoints,
-    train_tiny_tokenizer,
 )
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "

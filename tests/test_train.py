@@ -11,19 +11,15 @@ from typer.testing import CliRunner
 
 from vtkit.cli.main import app
 from vtkit.data import select_questions
-from vtkit.demo import (
+from vtkit.demo.task import (
     DEMO_MODEL_DIR,
     TRAINING_RECORD,
     generate_problems,
     render_scene,
     write_demo_model,
 )
-from vtkit.generate import prefill, prepare_items
-from vtkit.images import load_image, preprocess_images
-from vtkit.model import load_model
-from vtkit.sweep import SweepConfig
-from vtkit.tiny import TOKENIZER_DIR
-from vtkit.train import (
+from vtkit.demo.tiny import TOKENIZER_DIR
+from vtkit.demo.train import (
     DemoExamples,
     TrainBatches,
     TrainConfig,
@@ -34,6 +30,10 @@ from vtkit.train import (
     patch_labels,
     train_demo_model,
 )
+from vtkit.generate import prefill, prepare_items
+from vtkit.images import load_image, preprocess_images
+from vtkit.model import load_model
+from vtkit.sweep import SweepConfig
 
 #: The bars of issue 6 (demo test split, l2 scorer).
 MIN_ACCURACY_576 = 85.0
@@ -131,10 +131,10 @@ def test_demo_can_still_write_the_random_model(tmp_path):
 
 
 def test_write_demo_model_refuses_a_missing_model(tmp_path, monkeypatch):
-    from vtkit import demo
+    from vtkit.demo import task
     from vtkit.errors import DataError
 
-    monkeypatch.setattr(demo, "DEMO_MODEL_DIR", tmp_path / "nothing")
+    monkeypatch.setattr(task, "DEMO_MODEL_DIR", tmp_path / "nothing")
     with pytest.raises(DataError, match="nothing"):
         write_demo_model(tmp_path / "out")
 
@@ -173,7 +173,7 @@ def test_patch_labels_say_what_each_preprocessed_patch_shows():
             saturated = centres.max(0) - centres.min(0) > 60
             assert (saturated == object_here).mean() > 0.97, problem.pid
             # The colour label is the nearest of the four colours to the patch's centre pixel.
-            from vtkit.demo import COLOURS
+            from vtkit.demo.task import COLOURS
             palette = torch.tensor(list(COLOURS.values())).float()
             nearest = torch.cdist(torch.from_numpy(centres.T).float(), palette).argmin(1) + 1
             agree = (nearest.numpy() == colour)[object_here & saturated]
@@ -295,8 +295,8 @@ def test_training_runs_saves_both_formats_and_the_loss_falls(tmp_path):
     assert record["steps"] == 24 and record["seed"] == 0 and record["command"] == "pytest"
     hf = load_model(result.paths["hf"], dtype="float32", device="cpu")
     # The patch probe is a training device: the saved model is plain LLaVA.
-    from vtkit.tiny import random_tiny_model
-    from vtkit.train import model_config
+    from vtkit.demo.tiny import random_tiny_model
+    from vtkit.demo.train import model_config
     plain = random_tiny_model(model_config(_small_config(tmp_path)), 0)
     assert set(hf.hf.state_dict()) == set(plain.state_dict())
     orig = load_model(result.paths["orig"], dtype="float32", device="cpu")
@@ -317,3 +317,14 @@ def test_time_budget_fixes_the_step_count(tmp_path):
     result = train_demo_model(_small_config(tmp_path / "model", steps=50, warmup_steps=12,
                                             eval_every=100, time_budget=1e-3, n_train=16))
     assert result.record["steps"] == 13   # the budget is spent once warm-up has been timed
+
+
+def test_training_measures_the_saved_model_through_the_pipeline(tmp_path):
+    result = train_demo_model(_small_config(tmp_path / "model", steps=2, eval_every=2, n_eval=6))
+    evaluation = result.record["evaluation"]
+    assert evaluation["questions"] == evaluation["n_test"] == 6
+    assert 0 < evaluation["image_questions"] < 6
+    assert list(evaluation["accuracy"]) == list(evaluation["img_accuracy"]) == ["576", "20"]
+    assert all(0 <= v <= 100 for v in evaluation["accuracy"].values())
+    saved = json.loads((result.paths["hf"] / TRAINING_RECORD).read_text())
+    assert saved["evaluation"] == evaluation

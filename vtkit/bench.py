@@ -34,11 +34,12 @@ from vtkit.defaults import (
     DEFAULT_STEP,
 )
 from vtkit.errors import UsageError
+from vtkit.pipeline import PipelineResult, run_pipeline, synchronize
 from vtkit.progress import PhaseTimer, Reporter
 from vtkit.pruning import gather_rows, l2_scores, token_grid, top_k_raster
 
 LENGTHS_FILE = Path(__file__).resolve().parent / "assets" / "cqma_test_lengths.json"
-SHAPES = ("tiny", "llava-1.5-7b")
+MODEL_SHAPES = ("tiny", "llava-1.5-7b")   # the --shape values
 FULL_GRID = token_grid(DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_STEP)  # 57 values
 
 
@@ -60,7 +61,7 @@ class BenchConfig:
 
 def shape_config(shape: str):
     """The LlavaConfig of a named model shape."""
-    from vtkit.tiny import tiny_config
+    from vtkit.demo.tiny import tiny_config
 
     if shape == "tiny":
         return tiny_config()
@@ -79,7 +80,7 @@ def shape_config(shape: str):
                            projector_hidden_act="gelu", vision_feature_layer=-2,
                            vision_feature_select_strategy="default",
                            image_seq_length=576, tie_word_embeddings=False)
-    raise UsageError(f"--shape: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+    raise UsageError(f"--shape: unknown shape {shape!r} (known: {', '.join(MODEL_SHAPES)})")
 
 
 def length_table() -> list[int]:
@@ -108,17 +109,12 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     for _ in range(3):
         a @ b
     repeats = 30 if device.type == "cuda" else 5
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    synchronize(device)
     return 2 * size ** 3 * repeats / (time.perf_counter() - started)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def write_bench_questions(base_dir: Path, tokenizer, lengths: list[int], seed: int = 0) -> Path:
@@ -174,7 +170,7 @@ def seed_style_seconds(model, selection, items, k: int, sweep_config) -> float:
     from vtkit.generate import decode, prefill
     from vtkit.images import load_image, preprocess_images
 
-    _sync(model.device)
+    synchronize(model.device)
     started = time.perf_counter()
     for item in items:
         pixels = preprocess_images([load_image(selection.image_path(item.question))], "pad")
@@ -183,71 +179,122 @@ def seed_style_seconds(model, selection, items, k: int, sweep_config) -> float:
             projected = model.project(features)
             visual = gather_rows(projected, top_k_raster(l2_scores(projected), k))
         decode(model, [item], prefill(model, [item], [visual[0]]), sweep_config, [k])
-    _sync(model.device)
+    synchronize(model.device)
     return (time.perf_counter() - started) / len(items)
 
 
 def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
-    """Build the model, run extract + sweep on synthetic questions, return the measurements."""
+    """Build the model, run extract + sweep on synthetic questions, return the measurements
+    (also written to ``bench.json`` in the output dir, and shown as a table)."""
     from vtkit.data import select_questions
-    from vtkit.extract import ExtractConfig, extract
     from vtkit.generate import prepare_items
-    from vtkit.model import load_model
-    from vtkit.sweep import SweepConfig, sweep
-    from vtkit.tiny import write_config_checkpoint
 
     reporter = reporter or Reporter()
     out = Path(config.output_dir)
-    model_dir = write_config_checkpoint(out / f"model-{config.shape}", shape_config(config.shape))
-    started = time.perf_counter()
-    model = load_model(model_dir, random_init=True, dtype=config.dtype, device=config.device,
-                       seed=config.seed)
-    _sync(model.device)
-    build_seconds = time.perf_counter() - started
+    model, model_dir, build_seconds = build_bench_model(config, out / f"model-{config.shape}")
     reporter.warn(f"RANDOM WEIGHTS: benchmark model of shape {config.shape} "
                   f"({model.dtype}, {model.device})")
     peak = matmul_peak(model.device, model.dtype)
+    result = model_measures(config, model, build_seconds, peak)
+    data_dir = write_bench_questions(out / "scienceqa", model.tokenizer,
+                                     representative_lengths(config.questions), config.seed)
+    run, timer, sweep_config = run_timed_pipeline(config, model, model_dir, data_dir,
+                                                  out / "run", reporter)
+    # Useful tokens (no padding) define throughput and MFU; padding is reported on its own.
+    selection = select_questions(data_dir)
+    items = prepare_items(selection.questions, model.tokenizer, sweep_config)
+    flop_per_token = 2 * result["lm_parameters"]
+    result.update(throughput(config, run, timer.totals(), items, flop_per_token, peak))
+    result.update(seed_style_comparison(model, selection, items, config, sweep_config, result))
+    result["config"] = {k: (str(v) if isinstance(v, Path) else v)
+                        for k, v in asdict(config).items()}
+    cache.write_json_atomic(out / "bench.json", result)
+    report_bench(result, reporter)
+    return result
+
+
+def build_bench_model(config: BenchConfig, model_dir: Path):
+    """The model of the bench's shape, random weights on its device: (model, its checkpoint
+    directory of configs, seconds to build it)."""
+    from vtkit.demo.tiny import write_config_checkpoint
+    from vtkit.model import load_model
+
+    model_dir = write_config_checkpoint(model_dir, shape_config(config.shape))
+    started = time.perf_counter()
+    model = load_model(model_dir, random_init=True, dtype=config.dtype, device=config.device,
+                       seed=config.seed)
+    synchronize(model.device)
+    return model, model_dir, time.perf_counter() - started
+
+
+def model_measures(config: BenchConfig, model, build_seconds: float, peak: float) -> dict:
+    """The device, the model's size and cost per token, the device's matmul peak (FLOP/s)."""
     lm_params = sum(p.numel() for p in model.language_model.parameters()) + \
         sum(p.numel() for p in model.lm_head.parameters())
-    flop_per_token = 2 * lm_params
+    return {
+        "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
+        else "cpu",
+        "shape": config.shape, "dtype": str(model.dtype).replace("torch.", ""),
+        "questions": config.questions, "k_values": len(config.tokens),
+        "lm_parameters": lm_params, "gflop_per_token": 2 * lm_params / 1e9,
+        "matmul_peak_tflops": peak / 1e12, "model_build_seconds": build_seconds,
+    }
 
-    lengths = representative_lengths(config.questions)
-    data_dir = write_bench_questions(out / "scienceqa", model.tokenizer, lengths, config.seed)
-    run_dir = out / "run"
+
+def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Path,
+                       run_dir: Path, reporter: Reporter):
+    """Extract and sweep the bench questions from scratch, as a user's run would, timing the
+    sweep's phases: (the pipeline's result, the phase timer, the sweep config)."""
+    from vtkit.extract import ExtractConfig
+    from vtkit.sweep import SweepConfig
+
     common = dict(model_path=str(model_dir), base_dir=data_dir, output_dir=run_dir,
                   random_init=True, dtype=config.dtype, device=config.device, force=True)
     for stale in ("features.h5", "sweep.h5"):
         (run_dir / stale).unlink(missing_ok=True)
-
-    _sync(model.device)
-    t0 = time.perf_counter()
-    extracted = extract(ExtractConfig(**common, seed=config.seed), reporter, model=model)
-    _sync(model.device)
-    extract_seconds = time.perf_counter() - t0
-
     sweep_config = SweepConfig(**common, tokens=list(config.tokens),
                                max_new_tokens=config.max_new_tokens,
                                batch_size=config.batch_size, token_budget=config.token_budget,
                                compile=config.compile)
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
     timer = PhaseTimer(model.device)
-    _sync(model.device)
-    t0 = time.perf_counter()
-    swept = sweep(sweep_config, reporter, model=model, timer=timer)
-    _sync(model.device)
-    sweep_seconds = time.perf_counter() - t0
-    phases = timer.totals()
+    run = run_pipeline(ExtractConfig(**common, seed=config.seed), sweep_config,
+                       reporter=reporter, model=model, timer=timer)
+    return run, timer, sweep_config
 
-    # Useful tokens (no padding) define throughput and MFU; padding is reported on its own.
-    selection = select_questions(data_dir)
-    items = prepare_items(selection.questions, model.tokenizer, sweep_config)
+
+def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float], items,
+               flop_per_token: int, peak: float) -> dict:
+    """Images/s of extract; tokens/s, MFU, padding, phase shares and peak memory of the sweep;
+    the full sweep's projected time against its FLOP floor."""
+    sweep_seconds = run.seconds["sweep"]
     real_tokens = sum(it.text_length + k for it in items for k in config.tokens)
     tokens_per_s = real_tokens / sweep_seconds
     full_tokens = full_sweep_tokens()
     projected = full_tokens / tokens_per_s
     floor = full_tokens * flop_per_token / peak
+    phase_total = sum(phases.values()) or 1.0
+    peak_memory = run.peak_memory.get("sweep")
+    return {
+        "vision_images_per_s": run.extracted.num_images / run.seconds["extract"],
+        "sweep_seconds": sweep_seconds, "useful_tokens": real_tokens,
+        "padded_tokens": run.swept.prefill_tokens,
+        "padding_overhead": run.swept.prefill_tokens / real_tokens - 1.0,
+        "prefill_tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flop_per_token / peak,
+        "phase_seconds": phases,
+        "decode_share": phases.get("decode", 0.0) / phase_total,
+        "capture_svd_share": phases.get("spectra", 0.0) / phase_total,
+        "peak_gpu_memory_gb": peak_memory / 1e9 if peak_memory is not None else None,
+        "token_budget": config.token_budget, "batch_size": config.batch_size,
+        "full_sweep_tokens": full_tokens, "projected_full_sweep_seconds": projected,
+        "flop_floor_seconds": floor, "ratio_to_floor": projected / floor,
+    }
 
+
+def seed_style_comparison(model, selection, items, config: BenchConfig, sweep_config,
+                          measured: dict) -> dict:
+    """The seed-style loop's seconds per question at the grid's ends, its full sweep
+    extrapolated linearly in k, and the speed-up of the measured sweep over it."""
     seed_items = items[:max(1, config.seed_questions)]
     # One untimed pass first: batch-1 shapes are new to the kernels' autotuning caches.
     seed_style_seconds(model, selection, seed_items[:1], max(config.tokens), sweep_config)
@@ -257,35 +304,16 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     slope = (seed_cost[k_hi] - seed_cost[k_lo]) / max(1, k_hi - k_lo)
     seed_full = len(length_table()) * sum(seed_cost[k_lo] + slope * (k - k_lo)
                                           for k in FULL_GRID)
-    phase_total = sum(phases.values()) or 1.0
-    result = {
-        "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
-        else "cpu",
-        "shape": config.shape, "dtype": str(model.dtype).replace("torch.", ""),
-        "questions": config.questions, "k_values": len(config.tokens),
-        "lm_parameters": lm_params, "gflop_per_token": flop_per_token / 1e9,
-        "matmul_peak_tflops": peak / 1e12, "model_build_seconds": build_seconds,
-        "vision_images_per_s": extracted.num_images / extract_seconds,
-        "sweep_seconds": sweep_seconds, "useful_tokens": real_tokens,
-        "padded_tokens": swept.prefill_tokens,
-        "padding_overhead": swept.prefill_tokens / real_tokens - 1.0,
-        "prefill_tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * flop_per_token / peak,
-        "phase_seconds": phases,
-        "decode_share": phases.get("decode", 0.0) / phase_total,
-        "capture_svd_share": phases.get("spectra", 0.0) / phase_total,
-        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(model.device) / 1e9
-        if model.device.type == "cuda" else None,
-        "token_budget": config.token_budget, "batch_size": config.batch_size,
-        "full_sweep_tokens": full_tokens, "projected_full_sweep_seconds": projected,
-        "flop_floor_seconds": floor, "ratio_to_floor": projected / floor,
+    return {
         "seed_style_seconds_per_question": {str(k): v for k, v in seed_cost.items()},
         "seed_style_full_sweep_seconds": seed_full,
-        "speedup_over_seed_style": seed_full / projected,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "speedup_over_seed_style": seed_full / measured["projected_full_sweep_seconds"],
     }
-    cache.write_json_atomic(out / "bench.json", result)
-    reporter.table(f"vtkit bench: {config.shape} on {result['device']}", ["measure", "value"], [
+
+
+def report_bench(result: dict, reporter: Reporter) -> None:
+    """The measurements as one table."""
+    reporter.table(f"vtkit bench: {result['shape']} on {result['device']}", ["measure", "value"], [
         ["bf16/fp16 matmul peak (TFLOP/s)", result["matmul_peak_tflops"]],
         ["vision + extract (images/s)", result["vision_images_per_s"]],
         ["prefill tokens/s (whole sweep)", result["prefill_tokens_per_s"]],
@@ -294,9 +322,8 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
         ["capture + SVD share", f"{100 * result['capture_svd_share']:.1f}%"],
         ["padding overhead", f"{100 * result['padding_overhead']:.1f}%"],
         ["peak GPU memory (GB)", result["peak_gpu_memory_gb"] or "-"],
-        ["projected full sweep (s)", projected],
-        ["FLOP floor (s)", floor],
-        ["ratio to floor", projected / floor],
+        ["projected full sweep (s)", result["projected_full_sweep_seconds"]],
+        ["FLOP floor (s)", result["flop_floor_seconds"]],
+        ["ratio to floor", result["ratio_to_floor"]],
         ["speedup over seed-style loop", result["speedup_over_seed_style"]],
     ])
-    return result

@@ -67,7 +67,7 @@ def demo(output: DemoOutputOpt = Path("demo"), seed: SeedOpt = DEFAULT_SEED,
     """
     if train:
         from vtkit.cli.progress import RichReporter
-        from vtkit.train import TrainConfig, train_demo_model
+        from vtkit.demo.train import TrainConfig, train_demo_model
 
         config = TrainConfig(output_dir=output, seed=seed, steps=steps, lr=lr, n_train=n_train,
                              n_eval=n_eval, device=device, time_budget=time_budget,

@@ -95,17 +95,13 @@ def run(
     liuhaotian/llava-v1.5-7b --base-dir ScienceQA --conv-mode llava_v1 --temperature 0.2
     --question-file ScienceQA/llava_test_QCM-LEA.json
     """
-    from vtkit.cache import output_lock
     from vtkit.cli.progress import stage_reporter
-    from vtkit.extract import ExtractConfig, extract
-    from vtkit.model import load_model
-    from vtkit.parallel import init_ranks
-    from vtkit.plot import PlotConfig, make_plots
-    from vtkit.rank import RankConfig, compute_ranks
-    from vtkit.sweep import SweepConfig, check_tokens_fit
-    from vtkit.sweep import sweep as run_sweep
+    from vtkit.extract import ExtractConfig
+    from vtkit.pipeline import run_pipeline
+    from vtkit.plot import PlotConfig
+    from vtkit.rank import RankConfig
+    from vtkit.sweep import SweepConfig
 
-    reporter = stage_reporter()
     common = dict(model_path=model_path, model_base=model_base, base_dir=base_dir,
                   question_file=question_file, image_folder=image_folder, split=split,
                   num_samples=num_samples, output_dir=output_dir, dtype=dtype, device=device,
@@ -118,21 +114,8 @@ def run(
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
         token_budget=token_budget, keep_attention=keep_attention, compile=compile_decoder)
     rank_config = RankConfig(output_dir=output_dir, threshold=threshold)
-    # Every flag, and the grid against the checkpoint's patch count, before any model work.
-    extract_config.validate()
-    sweep_config.validate()
-    rank_config.validate()
-    check_tokens_fit(sweep_config)
-    # One writer per output dir, held from before the model loads until the figures are written.
-    with output_lock(output_dir):
-        ranks = init_ranks(device)
-        model = load_model(model_path, model_base, random_init=random_init, dtype=dtype,
-                           device=ranks.device(device))
-        extracted = extract(extract_config, reporter, model=model)
-        swept = run_sweep(sweep_config, reporter, model=model)
-        if ranks.is_main:
-            ranked = compute_ranks(rank_config, reporter)
-            plotted = make_plots(PlotConfig(output_dir=output_dir), reporter)
-            if json_output:
-                print_json({"extract": extracted, "sweep": swept, "rank": rank_json(ranked),
-                            "plot": plotted.to_json()})
+    result = run_pipeline(extract_config, sweep_config, rank_config,
+                          PlotConfig(output_dir=output_dir), reporter=stage_reporter())
+    if json_output and result.ranked is not None:   # the main process alone ranks and plots
+        print_json({"extract": result.extracted, "sweep": result.swept,
+                    "rank": rank_json(result.ranked), "plot": result.plotted.to_json()})

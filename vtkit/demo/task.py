@@ -63,7 +63,7 @@ SPLITS = ("train", "val", "test")
 DEMO_N_TEST = 60
 #: The trained tiny LLaVA shipped with vtkit: an HF-format checkpoint made by
 #: `vtkit demo --train`, with the record of its training (:data:`TRAINING_RECORD`).
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-model"
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 TRAINING_RECORD = "training.json"
 
 # Problems come in blocks of 20, shuffled within the block: 4 text-only and 16 images whose PIL
@@ -501,7 +501,7 @@ def write_demo(out_dir: Path, seed: int = 0, n_test: int = DEMO_N_TEST, *,
 
     ``trained`` (default): the demo model shipped in :data:`DEMO_MODEL_DIR` (trained on the demo
     task; its training.json is copied next to the HF checkpoint); otherwise the random tiny
-    model of :func:`vtkit.tiny.build_tiny_checkpoints` for ``seed``. Returns the written paths:
+    model of :func:`vtkit.demo.tiny.build_tiny_checkpoints` for ``seed``. Returns the written paths:
     {"scienceqa": ..., then the checkpoint folders by name}.
     """
     out_dir = Path(out_dir)
@@ -514,14 +514,14 @@ def write_demo(out_dir: Path, seed: int = 0, n_test: int = DEMO_N_TEST, *,
 def write_demo_model(out_dir: Path) -> dict[str, Path]:
     """Write the shipped demo model under ``out_dir`` in both checkpoint formats (float32), with
     its training.json next to the HF one; returns the paths as
-    :func:`vtkit.tiny.save_tiny_checkpoints`."""
+    :func:`vtkit.demo.tiny.save_tiny_checkpoints`."""
     # torch is only needed for the checkpoints; generating data should not pay for importing it.
     import torch
 
     from vtkit.cache import write_bytes_atomic
+    from vtkit.demo.tiny import save_tiny_checkpoints
     from vtkit.errors import DataError
     from vtkit.model import load_model
-    from vtkit.tiny import save_tiny_checkpoints
 
     if not (DEMO_MODEL_DIR / "config.json").is_file():
         raise DataError(f"the shipped demo model is missing from {DEMO_MODEL_DIR}; reinstall "
@@ -535,7 +535,7 @@ def write_demo_model(out_dir: Path) -> dict[str, Path]:
 
 
 def _random_checkpoints(out_dir: Path, seed: int) -> dict[str, Path]:
-    from vtkit.tiny import build_tiny_checkpoints
+    from vtkit.demo.tiny import build_tiny_checkpoints
 
     return build_tiny_checkpoints(out_dir, seed=seed)
 

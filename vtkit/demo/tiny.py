@@ -33,7 +33,7 @@ import torch
 from vtkit import cache
 
 #: Where the tiny tokenizer lives inside the package.
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny-tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer"
 #: Sentencepiece vocabulary of the tiny tokenizer (259 of it are <unk>, <s>, </s> and 256 bytes).
 TOKENIZER_VOCAB_SIZE = 1024
 #: Folder names written by :func:`build_tiny_checkpoints`.

@@ -1,10 +1,11 @@
 """Training the demo model (``vtkit demo --train``): a tiny LLaVA that learns the demo task.
 
-The model is the tiny LLaVA of :mod:`vtkit.tiny` (transformers' ``LlavaForConditionalGeneration``:
-a CLIP-shaped tower at 336 px with 14-px patches, so 576 visual tokens; features from its
-penultimate layer; a Linear-GELU-Linear projector; a small Llama decoder; the tiny tokenizer),
-initialised by :func:`vtkit.tiny.random_tiny_model` and trained end to end on the demo's train
-split (:func:`vtkit.demo.generate_problems`), rendered on the fly, never written to disk.
+The model is the tiny LLaVA of :mod:`vtkit.demo.tiny` (transformers'
+``LlavaForConditionalGeneration``: a CLIP-shaped tower at 336 px with 14-px patches, so 576 visual
+tokens; features from its penultimate layer; a Linear-GELU-Linear projector; a small Llama decoder;
+the tiny tokenizer), initialised by :func:`vtkit.demo.tiny.random_tiny_model` and trained end to
+end on the demo's train split (:func:`vtkit.demo.task.generate_problems`), rendered on the fly,
+never written to disk.
 
 Every example is what the evaluation feeds the model: the CQM-A question text, the ``vicuna_v1``
 template with the single-prediction instruction, the prompt tokenized chunk by chunk around
@@ -21,7 +22,7 @@ it off.
 
 Runs are reproducible: the seed fixes the initial weights, the training problems and their
 order. The learning rate warms up, holds at its peak, then decays (cosine) to a small floor.
-The result is written with :func:`vtkit.tiny.save_tiny_checkpoints` (HF and original format),
+The result is written with :func:`vtkit.demo.tiny.save_tiny_checkpoints` (HF and original format),
 then measured through the real pipeline (extract + sweep, ``l2`` scorer, k = 576 and 20) on the
 demo's test split, and everything is recorded in ``training.json`` next to the HF checkpoint.
 """
@@ -43,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vtkit import __version__, cache
 from vtkit.data import build_question_entries, question_from_entry
-from vtkit.demo import (
+from vtkit.defaults import DEFAULT_CONV_MODE, DEFAULT_SINGLE_PRED_PROMPT
+from vtkit.demo.task import (
     CELL,
     COLOURS,
     GRAYSCALE_MODES,
@@ -66,12 +68,13 @@ from vtkit.images import (
     resize_shortest_edge,
     to_rgb,
 )
+from vtkit.pipeline import run_pipeline, synchronize
 from vtkit.progress import Reporter
 from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
 
-#: The evaluation protocol the model is trained for (SPEC section 3 and 4).
-CONV_MODE = "vicuna_v1"
-SINGLE_PRED_PROMPT = True
+#: The evaluation protocol the model is trained for (docs/protocol.md, sections 3 and 4): the
+#: default conversation template and single-prediction instruction of the official run.
+SINGLE_PRED_PROMPT = DEFAULT_SINGLE_PRED_PROMPT
 IMAGE_MODE = "pad"
 #: The two conversations a problem is trained in: the evaluation's (CQM-A question with the
 #: single-prediction instruction; answer " <letter></s>") and the explained one that LLaVA's
@@ -109,7 +112,7 @@ class TrainConfig:
     workers: int | None = None     # data-loading processes (None: 0 on CPU, up to 14 on CUDA)
     save_dtype: str = "float16"    # dtype of the saved weights (float16 keeps the shipped model
                                    # small; the evaluation loads them as float32)
-    # Model shape (see vtkit.tiny.tiny_config): larger than the test fixtures, small enough
+    # Model shape (see vtkit.demo.tiny.tiny_config): larger than the test fixtures, small enough
     # that `make all` sweeps it in about a minute on two CPU cores and that it ships in < 5 MB.
     text_hidden_size: int = 128
     text_layers: int = 6           # prompt -> answer -> option letter takes several hops
@@ -157,8 +160,8 @@ def check_config(config: TrainConfig) -> None:
 
 
 def model_config(config: TrainConfig):
-    """The LlavaConfig of the model to train (:func:`vtkit.tiny.tiny_config` with its shape)."""
-    from vtkit.tiny import tiny_config
+    """The LlavaConfig of the model to train (:func:`vtkit.demo.tiny.tiny_config`, its shape)."""
+    from vtkit.demo.tiny import tiny_config
 
     return tiny_config(
         text_hidden_size=config.text_hidden_size, text_layers=config.text_layers,
@@ -223,8 +226,8 @@ def patch_labels(scene: Scene, size: tuple[int, int], mode: str, image_size: int
 
     Each patch is judged at its centre, mapped back through the ``pad`` preprocessing (the
     image of ``size`` padded to a centred square, resized to ``image_size``) and
-    :func:`vtkit.demo.scene_to_image` into scene coordinates. ``colour``: 0 background, else 1 +
-    the index of the colour of the object drawn there (:data:`IGNORE` in grayscale modes);
+    :func:`vtkit.demo.task.scene_to_image` into scene coordinates. ``colour``: 0 background,
+    else 1 + the index of the colour of the object drawn there (:data:`IGNORE` in grayscale modes);
     ``shape``: 0 background, else 1 + the shape's index; ``centre``: 1 on the patch that holds
     an object's centre; ``cell``: the 3 x 3 grid cell (0-8), 9 outside the scene (padding).
     """
@@ -312,7 +315,7 @@ class DemoExamples(Dataset):
         fmt = EXPLAIN_FORMAT if explain else ANSWER_FORMAT
         entry = build_question_entries({problem.pid: problem.problem}, [problem.pid], fmt)[0]
         question = question_from_entry(entry, f"demo problem {problem.pid}")
-        prompt = build_prompt(question, CONV_MODE, SINGLE_PRED_PROMPT and not explain)
+        prompt = build_prompt(question, DEFAULT_CONV_MODE, SINGLE_PRED_PROMPT and not explain)
         ids = tokenize_prompt(prompt, self.tokenizer)
         answer = answer_ids(prompt, ids, question.answer, self.tokenizer)
         pixels = labels = None
@@ -568,159 +571,28 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
     """Train the demo model, save it in both formats under ``config.output_dir``, measure it
     through the pipeline and write ``training.json`` next to the HF checkpoint.
 
-    Returns the checkpoint paths (as :func:`vtkit.tiny.save_tiny_checkpoints`), the record and
-    the wall time. ``time_budget`` (seconds) times the warm-up steps and then fixes the step
+    Returns the checkpoint paths (as :func:`vtkit.demo.tiny.save_tiny_checkpoints`), the record
+    and the wall time. ``time_budget`` (seconds) times the warm-up steps and then fixes the step
     count (at most ``steps``) so training fits; the record says which count was used, and
     passing it as ``steps`` repeats the run.
     """
-    from transformers import __version__ as transformers_version
-
-    from vtkit.model import load_tokenizer, resolve_device
-    from vtkit.tiny import TOKENIZER_DIR, random_tiny_model, save_tiny_checkpoints
+    from vtkit.demo.tiny import save_tiny_checkpoints
+    from vtkit.model import resolve_device
 
     check_config(config)
     reporter = reporter or Reporter()
     started = time.perf_counter()
     device = resolve_device(config.device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(config.seed)
-
-    llava_config = model_config(config)
-    hf = random_tiny_model(llava_config, config.seed).to(device).train()
-    parameters = sum(p.numel() for p in hf.parameters())
-    tokenizer = load_tokenizer(TOKENIZER_DIR)
-    vision = llava_config.vision_config
-    num_patches = (vision.image_size // vision.patch_size) ** 2
-    collate_settings = {"image_token_id": llava_config.image_token_id,
-                        "pad_token_id": llava_config.text_config.pad_token_id,
-                        "num_patches": num_patches}
-
-    pool = []
-    if config.n_train is not None:
-        reporter.info(f"generating the {config.n_train} training problems")
-        pool = generate_problems("train", config.n_train, config.seed)
-    batches_source = TrainBatches(
-        DemoExamples(pool, tokenizer, vision.image_size), batch_size=config.batch_size,
-        seed=config.seed, length=config.steps, pooled=config.n_train is not None,
-        explain_fraction=config.explain_fraction, **collate_settings)
-    workers = _default_workers(device) if config.workers is None else config.workers
-    loader = DataLoader(batches_source, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                        pin_memory=device.type == "cuda",
-                        **({"prefetch_factor": 4} if workers else {}))
-    val_set = DemoExamples(generate_problems("val", config.n_val, config.seed), tokenizer,
-                           vision.image_size)
-    val_batches = [collate([val_set[i] for i in range(j, min(j + config.batch_size, len(val_set)))],
-                           **collate_settings)
-                   for j in range(0, len(val_set), config.batch_size)]
-
-    probe = PatchProbe(hf).to(device) if config.aux_weight > 0 else None
-    decay, no_decay = [], []
-    for parameter in [*hf.parameters(), *(probe.parameters() if probe else ())]:
-        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    optimiser = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.98), eps=1e-8)
-
-    reporter.info(f"training {parameters / 1e6:.2f} M parameters on {_device_name(device)}, "
-                  f"batch {config.batch_size}, {workers} loading workers")
-    steps = config.steps
-    budget_known = config.time_budget is None
-    # The second half of warm-up sets the pace (the first steps pay for allocator and kernel
-    # start-up); the count is fixed when warm-up ends, before any rate depended on it.
-    timing_from = min(10, config.warmup_steps // 2)
-    history: list[dict] = []
-    # Summed on the device: reading a loss every step would wait for the GPU every step.
-    recent_sum, recent_count = torch.zeros((), device=device), 0
-    recent_probe = torch.zeros((), device=device)
-    train_started = time.perf_counter()
-    timing_started = train_started
-    step = 0
-    with reporter.task("train", total=steps, unit="steps") as task:
-        batches = iter(loader)
-        while step < steps:
-            lr = learning_rate(step, config, steps)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            losses, _, _ = batch_losses(hf, next(batches), device, autocast_dtype, probe)
-            loss = losses["answer"]
-            if probe is not None:
-                loss = loss + config.aux_weight * losses["probe"]
-                recent_probe += losses["probe"].detach()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), config.grad_clip)
-            optimiser.step()
-            recent_sum += losses["answer"].detach()
-            recent_count += 1
-            step += 1
-            task.advance()
-            if step == timing_from:
-                _synchronise(device)
-                timing_started = time.perf_counter()
-            if not budget_known and step >= config.warmup_steps:
-                _synchronise(device)
-                now = time.perf_counter()
-                pace = (now - timing_started) / max(1, step - timing_from)
-                # 3% slack for validation passes and the slower cache-cold steps.
-                left = config.time_budget - (now - train_started)
-                steps = max(step + 1, min(config.steps, step + int(0.97 * left / pace)))
-                budget_known = True
-                reporter.info(f"time budget {config.time_budget:.0f} s at {pace * 1000:.0f} ms "
-                              f"per step: {steps} steps")
-                task.describe(f"train ({steps} steps)")
-            if step % config.eval_every == 0 or step == steps:
-                val = validate(hf, val_batches, device, autocast_dtype, probe)
-                entry = {"step": step, "lr": lr,
-                         "train_loss": round(float(recent_sum) / recent_count, 4),
-                         "val_loss": round(val["loss"], 4), "val_accuracy": val["accuracy"],
-                         "val_by_template": val["by_template"],
-                         "seconds": round(time.perf_counter() - train_started, 1)}
-                if probe is not None:
-                    entry["train_probe_loss"] = round(float(recent_probe) / recent_count, 4)
-                    entry["val_probe_accuracy"] = val["probe_accuracy"]
-                history.append(entry)
-                recent_sum, recent_count = torch.zeros((), device=device), 0
-                recent_probe = torch.zeros((), device=device)
-                kinds = ", ".join(f"{k} {v:.0f}" for k, v in
-                                  {**val["by_template"], **val.get("probe_accuracy", {})}.items())
-                reporter.info(f"step {step}: train loss {entry['train_loss']:.3f}, val loss "
-                              f"{val['loss']:.3f}, val accuracy {val['accuracy']:.1f}% ({kinds})")
-    train_seconds = time.perf_counter() - train_started
-    del loader, batches
-    if probe is not None:
-        probe.remove()      # training-only: the saved model is plain LLaVA
-
-    hf = hf.to("cpu", getattr(torch, config.save_dtype)).eval()
-    output_dir = Path(config.output_dir)
-    paths = save_tiny_checkpoints(hf, output_dir)
-    record = {
-        "command": config.command or "vtkit.train.train_demo_model (Python API)",
-        "vtkit_version": __version__,
-        "seed": config.seed,
-        "config": config.to_dict(),
-        "protocol": {"conv_mode": CONV_MODE, "single_pred_prompt": SINGLE_PRED_PROMPT,
-                     "image_mode": IMAGE_MODE, "visual_tokens": num_patches,
-                     "formats": {ANSWER_FORMAT: "single-prediction prompt, answer "
-                                                "' <letter></s>'",
-                                 EXPLAIN_FORMAT: "no instruction, answer: lecture, solution, "
-                                                 "'The answer is X.'"},
-                     "loss": "answer tokens only, plus aux_weight x the patch probe's "
-                             "cross-entropy (colour, shape, centre, cell of each patch)"},
-        "parameters": parameters,
-        "steps": steps,
-        "samples_seen": steps * config.batch_size,
-        "final_train_loss": history[-1]["train_loss"],
-        "final_val": validate(hf.to(device, torch.float32), val_batches, device, None),
-        "history": history,
-        "evaluation": None,
-        "train_seconds": round(train_seconds, 1),
-        "seconds": round(time.perf_counter() - started, 1),
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers_version,
-        "saved_dtype": config.save_dtype,
-    }
+    setup = _set_up(config, device, reporter)
+    reporter.info(f"training {setup.parameters / 1e6:.2f} M parameters on {_device_name(device)}, "
+                  f"batch {config.batch_size}, {setup.workers} loading workers")
+    progress = _train(setup, config, reporter)
+    if setup.probe is not None:
+        setup.probe.remove()      # training-only: the saved model is plain LLaVA
+    hf = setup.hf.to("cpu", getattr(torch, config.save_dtype)).eval()
+    paths = save_tiny_checkpoints(hf, Path(config.output_dir))
+    record = _training_record(config, setup, progress, started)
     # Written before the measurement too, so a failed measurement still leaves the record.
     cache.write_json_atomic(paths["hf"] / TRAINING_RECORD, record)
     if config.n_eval:
@@ -732,9 +604,221 @@ def train_demo_model(config: TrainConfig, reporter: Reporter | None = None) -> T
     return TrainResult(paths, record, time.perf_counter() - started)
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class _Setup:
+    """What a run trains and what it feeds it."""
+
+    hf: torch.nn.Module              # LlavaForConditionalGeneration, on the device
+    probe: PatchProbe | None
+    optimiser: torch.optim.Optimizer
+    loader: DataLoader
+    val_batches: list[Batch]
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    parameters: int                  # of the model (the probe's not counted)
+    num_patches: int
+    workers: int
+
+
+def _set_up(config: TrainConfig, device: torch.device, reporter: Reporter) -> _Setup:
+    """The model with its probe and optimiser, the training batches and the validation set,
+    made in a fixed order (the model and the probe draw from torch's seeded generator)."""
+    from vtkit.demo.tiny import TOKENIZER_DIR, random_tiny_model
+    from vtkit.model import load_tokenizer
+
+    llava_config = model_config(config)
+    hf = random_tiny_model(llava_config, config.seed).to(device).train()
+    parameters = sum(p.numel() for p in hf.parameters())
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    vision = llava_config.vision_config
+    num_patches = (vision.image_size // vision.patch_size) ** 2
+    collate_settings = {"image_token_id": llava_config.image_token_id,
+                        "pad_token_id": llava_config.text_config.pad_token_id,
+                        "num_patches": num_patches}
+    loader, workers = _loader(config, tokenizer, vision.image_size, collate_settings, device,
+                              reporter)
+    val_set = DemoExamples(generate_problems("val", config.n_val, config.seed), tokenizer,
+                           vision.image_size)
+    val_batches = [collate([val_set[i] for i in range(j, min(j + config.batch_size, len(val_set)))],
+                           **collate_settings)
+                   for j in range(0, len(val_set), config.batch_size)]
+    probe = PatchProbe(hf).to(device) if config.aux_weight > 0 else None
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    return _Setup(hf, probe, _optimiser(config, hf, probe), loader, val_batches, device,
+                  autocast_dtype, parameters, num_patches, workers)
+
+
+def _loader(config: TrainConfig, tokenizer, image_size: int, collate_settings: dict,
+            device: torch.device, reporter: Reporter) -> tuple[DataLoader, int]:
+    """The training batches of the run, and the number of processes that load them."""
+    pool = []
+    if config.n_train is not None:
+        reporter.info(f"generating the {config.n_train} training problems")
+        pool = generate_problems("train", config.n_train, config.seed)
+    batches_source = TrainBatches(
+        DemoExamples(pool, tokenizer, image_size), batch_size=config.batch_size,
+        seed=config.seed, length=config.steps, pooled=config.n_train is not None,
+        explain_fraction=config.explain_fraction, **collate_settings)
+    workers = _default_workers(device) if config.workers is None else config.workers
+    loader = DataLoader(batches_source, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                        pin_memory=device.type == "cuda",
+                        **({"prefetch_factor": 4} if workers else {}))
+    return loader, workers
+
+
+def _optimiser(config: TrainConfig, hf, probe: PatchProbe | None) -> torch.optim.AdamW:
+    """AdamW over the model and the probe, weight decay on matrices only."""
+    decay, no_decay = [], []
+    for parameter in [*hf.parameters(), *(probe.parameters() if probe else ())]:
+        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: steps done and planned, the clock, the training losses since the
+    last validation (summed on the device: reading a loss every step would wait for the GPU
+    every step), and the validation history."""
+
+    steps: int
+    budget_known: bool
+    timing_from: int
+    device: torch.device
+    step: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    timing_started: float = 0.0
+    seconds: float = 0.0
+    recent_count: int = 0
+    recent_answer: torch.Tensor | None = None
+    recent_probe: torch.Tensor | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.timing_started = self.started
+        self.reset_recent()
+
+    def reset_recent(self) -> None:
+        """Start the next interval's training-loss sums."""
+        self.recent_answer = torch.zeros((), device=self.device)
+        self.recent_probe = torch.zeros((), device=self.device)
+        self.recent_count = 0
+
+
+def _train(setup: _Setup, config: TrainConfig, reporter: Reporter) -> _Progress:
+    """The training loop: a step per batch, the step count fixed once warm-up is timed (with a
+    time budget), a validation pass every ``eval_every`` steps and at the end."""
+    # The second half of warm-up sets the pace (the first steps pay for allocator and kernel
+    # start-up); the count is fixed when warm-up ends, before any rate depended on it.
+    progress = _Progress(steps=config.steps, budget_known=config.time_budget is None,
+                         timing_from=min(10, config.warmup_steps // 2), device=setup.device)
+    with reporter.task("train", total=progress.steps, unit="steps") as task:
+        batches = iter(setup.loader)
+        while progress.step < progress.steps:
+            lr = learning_rate(progress.step, config, progress.steps)
+            _optimise(setup, next(batches), lr, config, progress)
+            progress.step += 1
+            task.advance()
+            if progress.step == progress.timing_from:
+                synchronize(setup.device)
+                progress.timing_started = time.perf_counter()
+            if not progress.budget_known and progress.step >= config.warmup_steps:
+                _fix_step_count(progress, config, reporter)
+                task.describe(f"train ({progress.steps} steps)")
+            if progress.step % config.eval_every == 0 or progress.step == progress.steps:
+                _validate_and_log(setup, progress, lr, reporter)
+    progress.seconds = time.perf_counter() - progress.started
+    return progress
+
+
+def _optimise(setup: _Setup, batch: Batch, lr: float, config: TrainConfig,
+              progress: _Progress) -> None:
+    """One optimiser step on ``batch`` at learning rate ``lr``; its losses join the sums."""
+    for group in setup.optimiser.param_groups:
+        group["lr"] = lr
+    losses, _, _ = batch_losses(setup.hf, batch, setup.device, setup.autocast_dtype, setup.probe)
+    loss = losses["answer"]
+    if setup.probe is not None:
+        loss = loss + config.aux_weight * losses["probe"]
+        progress.recent_probe += losses["probe"].detach()
+    setup.optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(setup.hf.parameters(), config.grad_clip)
+    setup.optimiser.step()
+    progress.recent_answer += losses["answer"].detach()
+    progress.recent_count += 1
+
+
+def _fix_step_count(progress: _Progress, config: TrainConfig, reporter: Reporter) -> None:
+    """With a time budget, when warm-up ends: the step count that fits, at the timed pace."""
+    synchronize(progress.device)
+    now = time.perf_counter()
+    pace = (now - progress.timing_started) / max(1, progress.step - progress.timing_from)
+    # 3% slack for validation passes and the slower cache-cold steps.
+    left = config.time_budget - (now - progress.started)
+    progress.steps = max(progress.step + 1,
+                         min(config.steps, progress.step + int(0.97 * left / pace)))
+    progress.budget_known = True
+    reporter.info(f"time budget {config.time_budget:.0f} s at {pace * 1000:.0f} ms "
+                  f"per step: {progress.steps} steps")
+
+
+def _validate_and_log(setup: _Setup, progress: _Progress, lr: float, reporter: Reporter) -> None:
+    """A validation pass, recorded in the history with the mean training losses since the
+    last one, and reported."""
+    val = validate(setup.hf, setup.val_batches, setup.device, setup.autocast_dtype, setup.probe)
+    entry = {"step": progress.step, "lr": lr,
+             "train_loss": round(float(progress.recent_answer) / progress.recent_count, 4),
+             "val_loss": round(val["loss"], 4), "val_accuracy": val["accuracy"],
+             "val_by_template": val["by_template"],
+             "seconds": round(time.perf_counter() - progress.started, 1)}
+    if setup.probe is not None:
+        entry["train_probe_loss"] = round(float(progress.recent_probe) / progress.recent_count, 4)
+        entry["val_probe_accuracy"] = val["probe_accuracy"]
+    progress.history.append(entry)
+    progress.reset_recent()
+    kinds = ", ".join(f"{k} {v:.0f}" for k, v in
+                      {**val["by_template"], **val.get("probe_accuracy", {})}.items())
+    reporter.info(f"step {progress.step}: train loss {entry['train_loss']:.3f}, val loss "
+                  f"{val['loss']:.3f}, val accuracy {val['accuracy']:.1f}% ({kinds})")
+
+
+def _training_record(config: TrainConfig, setup: _Setup, progress: _Progress,
+                     started: float) -> dict:
+    """The record of a finished run (training.json), its final validation in float32 on the
+    saved weights; ``evaluation`` is filled in by the measurement."""
+    from transformers import __version__ as transformers_version
+
+    return {
+        "command": config.command or "vtkit.demo.train.train_demo_model (Python API)",
+        "vtkit_version": __version__,
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "protocol": {"conv_mode": DEFAULT_CONV_MODE, "single_pred_prompt": SINGLE_PRED_PROMPT,
+                     "image_mode": IMAGE_MODE, "visual_tokens": setup.num_patches,
+                     "formats": {ANSWER_FORMAT: "single-prediction prompt, answer "
+                                                "' <letter></s>'",
+                                 EXPLAIN_FORMAT: "no instruction, answer: lecture, solution, "
+                                                 "'The answer is X.'"},
+                     "loss": "answer tokens only, plus aux_weight x the patch probe's "
+                             "cross-entropy (colour, shape, centre, cell of each patch)"},
+        "parameters": setup.parameters,
+        "steps": progress.steps,
+        "samples_seen": progress.steps * config.batch_size,
+        "final_train_loss": progress.history[-1]["train_loss"],
+        "final_val": validate(setup.hf.to(setup.device, torch.float32), setup.val_batches,
+                              setup.device, None),
+        "history": progress.history,
+        "evaluation": None,
+        "train_seconds": round(progress.seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": _device_name(setup.device),
+        "torch": torch.__version__,
+        "transformers": transformers_version,
+        "saved_dtype": config.save_dtype,
+    }
 
 
 def evaluate_checkpoint(model_path: Path, *, n_test: int, seed: int = 0,
@@ -747,28 +831,24 @@ def evaluate_checkpoint(model_path: Path, *, n_test: int, seed: int = 0,
     Returns ``{"scorer", "n_test", "questions", "image_questions", "accuracy": {k: %},
     "img_accuracy": {k: %}}`` (keys of the dicts are str(k), as in JSON).
     """
-    from vtkit.demo import write_demo_scienceqa
-    from vtkit.extract import ExtractConfig, extract
-    from vtkit.model import load_model
-    from vtkit.sweep import SweepConfig, sweep
+    from vtkit.demo.task import write_demo_scienceqa
+    from vtkit.extract import ExtractConfig
+    from vtkit.sweep import SweepConfig
 
-    model = load_model(str(model_path), dtype="float32", device=device)
     scratch = Path(tempfile.mkdtemp(prefix="vtkit-eval-"))
     try:
         base_dir = write_demo_scienceqa(scratch / "scienceqa", seed=seed, n_test=n_test)
-        out = scratch / "out"
-        extract(ExtractConfig(model_path=str(model_path), base_dir=base_dir, output_dir=out,
-                              dtype="float32", device=str(model.device)), model=model)
-        result = sweep(SweepConfig(model_path=str(model_path), base_dir=base_dir,
-                                   tokens=list(tokens), output_dir=out, scorer=scorer,
-                                   max_new_tokens=max_new_tokens, dtype="float32",
-                                   device=str(model.device)), reporter=reporter, model=model)
+        common = dict(model_path=str(model_path), base_dir=base_dir, output_dir=scratch / "out",
+                      dtype="float32", device=str(device))
+        run = run_pipeline(ExtractConfig(**common),
+                           SweepConfig(**common, tokens=list(tokens), scorer=scorer,
+                                       max_new_tokens=max_new_tokens), reporter=reporter)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    first = result.results[0]
+    results = run.swept.results
     return {
         "scorer": scorer, "split": "test", "n_test": n_test,
-        "questions": first.total, "image_questions": first.img_total,
-        "accuracy": {str(r.k): round(r.accuracy, 2) for r in result.results},
-        "img_accuracy": {str(r.k): round(r.img_accuracy, 2) for r in result.results},
+        "questions": results[0].total, "image_questions": results[0].img_total,
+        "accuracy": {str(r.k): round(r.accuracy, 2) for r in results},
+        "img_accuracy": {str(r.k): round(r.img_accuracy, 2) for r in results},
     }
