@@ -548,7 +548,7 @@ def _refusal(path: Path, attrs: Mapping[str, Any], inputs: Mapping[str, Any]) ->
 
 
 def start_parts(final: Path, parts_dir: Path, inputs: Mapping[str, Any], force: bool,
-                ranks) -> PartStore | None:
+                workers) -> PartStore | None:
     """Decide what a stage does about ``final``; return its opened part store, or None.
 
     None: ``final`` is complete and was made from these inputs (nothing to do). A final file
@@ -567,13 +567,13 @@ def start_parts(final: Path, parts_dir: Path, inputs: Mapping[str, Any], force: 
             return None
         if not force:
             raise CacheMismatchError(_refusal(final, attrs, inputs))
-        ranks.barrier()   # every rank has read the old file before rank 0 removes it
-        if ranks.is_main:
+        workers.barrier()   # every rank has read the old file before rank 0 removes it
+        if workers.is_main:
             final.unlink()
     store = PartStore(parts_dir, inputs)
-    if ranks.is_main:
+    if workers.is_main:
         store.open(force=force)
-    ranks.barrier()
-    if not ranks.is_main:
+    workers.barrier()
+    if not workers.is_main:
         store.open()
     return store

@@ -29,7 +29,7 @@ from vtkit.defaults import (
 )
 from vtkit.errors import DataError, UsageError
 from vtkit.images import check_image_mode, load_image, preprocess_images
-from vtkit.parallel import init_ranks
+from vtkit.parallel import init_workers
 from vtkit.progress import Reporter
 from vtkit.pruning import SCORERS, l2_scores, random_scores, uniform_scores
 
@@ -162,12 +162,12 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
                         f"questions; nothing to extract")
     hashes = image_hashes(selection, questions)
 
-    ranks = init_ranks(config.device)
+    workers = init_workers(config.device)
     if model is None:
         from vtkit.model import load_model
 
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
-                           dtype=config.dtype, device=ranks.device(config.device))
+                           dtype=config.dtype, device=workers.device(config.device))
     if model.identity.get("random_init"):
         reporter.warn("RANDOM WEIGHTS (--random-init): features are noise; for benchmarks only")
     # The resolved mode is what is fingerprinted and recorded.
@@ -179,27 +179,27 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / FEATURES_FILE
-    store = cache.start_parts(final, output_dir / FEATURES_PARTS_DIR, inputs, config.force, ranks)
+    store = cache.start_parts(final, output_dir / FEATURES_PARTS_DIR, inputs, config.force, workers)
     if store is None:
         reporter.info(f"{final}: cache is complete ({len(questions)} images); nothing to do")
         return ExtractResult(final, len(questions), 0, time.perf_counter() - started,
                              final.stat().st_size / len(questions), True,
                              bool(model.identity.get("random_init")))
-    if config.force and ranks.is_main:
+    if config.force and workers.is_main:
         # New features: whatever the sweep, rank and plot made from the old ones is stale.
         gone = cache.remove_outputs(output_dir, STALE_AFTER_EXTRACT)
         if gone:
             reporter.info(f"--force: removed {len(gone)} outputs of the old features (sweep, "
                           f"answers, ranks, results, figures)")
-    todo = _remaining(store, questions, ranks, reporter)
+    todo = _remaining(store, questions, workers, reporter)
     batch_size = config.batch_size or (32 if model.device.type == "cuda" else 8)
     computed = _run_vision(model, selection, todo, batch_size, config, store, reporter,
                            feature_dtype)
-    ranks.barrier()
-    if ranks.is_main:
+    workers.barrier()
+    if workers.is_main:
         _merge(store, final, questions, hashes, model, config, inputs, feature_dtype)
         store.remove()
-    ranks.barrier()
+    workers.barrier()
     size = final.stat().st_size
     reporter.info(f"wrote {final} ({len(questions)} images, {size / len(questions) / 1e6:.2f} MB "
                   f"per image)")
@@ -207,14 +207,14 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
                          size / len(questions), False, bool(model.identity.get("random_init")))
 
 
-def _remaining(store: cache.PartStore, questions: list[Question], ranks,
+def _remaining(store: cache.PartStore, questions: list[Question], workers,
                reporter: Reporter) -> list[Question]:
     """This process's share of the image questions that no finished part holds yet."""
     done = set()
     for part in store.parts():
         with h5py.File(part, "r") as f:
             done.update(s.decode() for s in f["question_ids"][:])
-    todo = ranks.share([q for q in questions if q.question_id not in done])
+    todo = workers.share([q for q in questions if q.question_id not in done])
     if done:
         reporter.info(f"resuming: {len(done)} of {len(questions)} images already extracted")
     return todo

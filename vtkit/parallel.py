@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Ranks:
+class Workers:
     """This process's place among the workers: rank, world size, local rank on its node."""
 
     rank: int = 0
@@ -46,18 +46,18 @@ class Ranks:
         return requested
 
 
-def launched_ranks() -> Ranks:
+def launched_workers() -> Workers:
     """The ranks torchrun set in the environment (a single process otherwise)."""
-    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    return Workers(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_ranks(device: str = "auto") -> Ranks:
+def init_workers(device: str = "auto") -> Workers:
     """Join the process group torchrun prepared (once per process) and return this rank."""
-    ranks = launched_ranks()
-    if ranks.world_size > 1 and not dist.is_initialized():
+    workers = launched_workers()
+    if workers.world_size > 1 and not dist.is_initialized():
         use_nccl = device != "cpu" and torch.cuda.is_available()
         if use_nccl:
-            torch.cuda.set_device(ranks.local_rank)
+            torch.cuda.set_device(workers.local_rank)
         dist.init_process_group("nccl" if use_nccl else "gloo")
-    return ranks
+    return workers

@@ -21,7 +21,7 @@ import torch
 
 from vtkit.cache import output_lock
 from vtkit.extract import ExtractConfig, ExtractResult, extract
-from vtkit.parallel import init_ranks
+from vtkit.parallel import init_workers
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
 from vtkit.sweep import SweepConfig, SweepResult, check_tokens_fit, sweep
 
@@ -81,9 +81,9 @@ def run_pipeline(extract_config: ExtractConfig, sweep_config: SweepConfig,
     check_configs(extract_config, sweep_config, rank_config, plot_config, model)
     reporter = reporter or Reporter()
     with output_lock(extract_config.output_dir):
-        ranks = init_ranks(extract_config.device)
+        workers = init_workers(extract_config.device)
         if model is None:
-            model = _load(extract_config, ranks.device(extract_config.device))
+            model = _load(extract_config, workers.device(extract_config.device))
         meter = _StageMeter(model.device)
         with meter.stage("extract"):
             extracted = extract(extract_config, reporter, model=model)
@@ -91,7 +91,7 @@ def run_pipeline(extract_config: ExtractConfig, sweep_config: SweepConfig,
             swept = sweep(sweep_config, reporter, model=model, timer=timer)
         result = PipelineResult(extracted, swept, seconds=meter.seconds,
                                 peak_memory=meter.peak_memory)
-        if ranks.is_main:
+        if workers.is_main:
             _rank_and_plot(rank_config, plot_config, reporter, meter, result)
     return result
 

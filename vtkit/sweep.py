@@ -65,7 +65,7 @@ from vtkit.generate import (
     prepare_items,
     run_batch,
 )
-from vtkit.parallel import init_ranks
+from vtkit.parallel import init_workers
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
 from vtkit.prompts import get_conv_template
 from vtkit.pruning import (
@@ -211,39 +211,39 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     started = time.perf_counter()
     config.validate()
     check_tokens_fit(config, model)
-    ranks = init_ranks(config.device)
+    workers = init_workers(config.device)
     output_dir = Path(config.output_dir)
     selection = select_questions(config.base_dir, config.question_file, config.image_folder,
                                  config.split, config.num_samples)
-    model = _ready_model(config, model, ranks, reporter)
+    model = _ready_model(config, model, workers, reporter)
     random_init = bool(model.identity.get("random_init"))
     run = _resolve(config, model, selection)
     store = cache.start_parts(run.final, output_dir / SWEEP_PARTS_DIR, run.inputs, config.force,
-                              ranks)
+                              workers)
     if store is None:
-        results = _confirm_complete(run, ranks, reporter)
+        results = _confirm_complete(run, workers, reporter)
         _report(results, reporter)
         return SweepResult(run.final, results, time.perf_counter() - started, 0, True,
                            random_init)
-    if config.force and ranks.is_main:
+    if config.force and workers.is_main:
         gone = cache.remove_outputs(output_dir, STALE_AFTER_SWEEP)
         if gone:
             reporter.info(f"--force: removed {len(gone)} answer files, results and figures of "
                           f"the old sweep")
-    results, tokens_done = _compute(run, store, ranks, reporter, timer)
+    results, tokens_done = _compute(run, store, workers, reporter, timer)
     _report(results, reporter)
     return SweepResult(run.final, results, time.perf_counter() - started, tokens_done, False,
                        random_init)
 
 
-def _ready_model(config: SweepConfig, model, ranks, reporter: Reporter):
+def _ready_model(config: SweepConfig, model, workers, reporter: Reporter):
     """The model to sweep with: ``model``, else the checkpoint loaded; compiled with
     ``--compile``; a warning when its weights are random."""
     if model is None:
         from vtkit.model import load_model
 
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
-                           dtype=config.dtype, device=ranks.device(config.device))
+                           dtype=config.dtype, device=workers.device(config.device))
         check_tokens(config.tokens, model.num_patches)
     if config.compile:
         model.compile_decoder()
@@ -308,11 +308,11 @@ def _load_extract_cache(path: Path, image_items: list[PreparedItem], model) -> d
     return attrs
 
 
-def _confirm_complete(run: _Run, ranks, reporter: Reporter) -> list[KResult]:
+def _confirm_complete(run: _Run, workers, reporter: Reporter) -> list[KResult]:
     """A finished sweep.h5 of the same inputs: re-score it when the answer key changed, then
     read its accuracies."""
     final = run.final
-    if ranks.is_main and cache.read_attrs(final).get("answer_key") != run.answer_key:
+    if workers.is_main and cache.read_attrs(final).get("answer_key") != run.answer_key:
         rescore(final, run.problems, run.items, run.answer_key)
         gone = cache.remove_outputs(Path(run.config.output_dir), STALE_AFTER_RESCORE)
         reporter.info(f"{final}: the answer key of the selected questions changed; re-scored "
@@ -321,11 +321,11 @@ def _confirm_complete(run: _Run, ranks, reporter: Reporter) -> list[KResult]:
                                                f"plot`)" if gone else ""))
     else:
         reporter.info(f"{final}: sweep is complete; nothing to do")
-    ranks.barrier()
+    workers.barrier()
     return read_accuracies(final)
 
 
-def _compute(run: _Run, store: cache.PartStore, ranks, reporter: Reporter,
+def _compute(run: _Run, store: cache.PartStore, workers, reporter: Reporter,
              timer: PhaseTimer | NullTimer) -> tuple[list[KResult], int]:
     """Sweep what the parts lack on every process, merge on rank 0: (results, prefill tokens)."""
     config, model = run.config, run.model
@@ -334,19 +334,19 @@ def _compute(run: _Run, store: cache.PartStore, ranks, reporter: Reporter,
     image_items, text_items = run.image_items, run.text_items
     keep = {it.index for it in image_items[:max(config.keep_attention, 0)]}
     computing = time.perf_counter()
-    tokens_done = _execute(model, config, store, ranks.share(image_items),
-                           ranks.share(text_items), done, budget, keep,
+    tokens_done = _execute(model, config, store, workers.share(image_items),
+                           workers.share(text_items), done, budget, keep,
                            Path(config.output_dir) / FEATURES_FILE, reporter, timer)
-    ranks.barrier()
-    if ranks.is_main:
+    workers.barrier()
+    if workers.is_main:
         results = _merge(store, run)
         store.remove()
-    ranks.barrier()
+    workers.barrier()
     compute_seconds = time.perf_counter() - computing
-    if not ranks.is_main:
+    if not workers.is_main:
         results = read_accuracies(run.final)
     reporter.info(f"swept {len(image_items)} image and {len(text_items)} text questions x "
-                  f"{len(config.tokens)} k in {compute_seconds:.1f} s on {ranks.world_size} "
+                  f"{len(config.tokens)} k in {compute_seconds:.1f} s on {workers.world_size} "
                   f"process(es) (model loading excluded)")
     return results, tokens_done
 

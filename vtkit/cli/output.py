@@ -29,9 +29,9 @@ def print_json(document: Any) -> None:
 def print_stage_json(document: Any) -> None:
     """:func:`print_json` in the main process only: torchrun starts one process per GPU, and
     stdout carries one document."""
-    from vtkit.parallel import launched_ranks
+    from vtkit.parallel import launched_workers
 
-    if launched_ranks().is_main:
+    if launched_workers().is_main:
         print_json(document)
 
 

@@ -93,6 +93,6 @@ def _cell(value) -> str:
 
 def stage_reporter() -> Reporter:
     """Progress and tables from the main process only (torchrun starts one per GPU)."""
-    from vtkit.parallel import launched_ranks
+    from vtkit.parallel import launched_workers
 
-    return RichReporter() if launched_ranks().is_main else Reporter()
+    return RichReporter() if launched_workers().is_main else Reporter()
