@@ -836,6 +836,46 @@ def _random_model(config, seed: int, device: torch.device, dtype: torch.dtype):
         return LlavaForConditionalGeneration._from_config(config, dtype=dtype)
 
 
+def _base_dir_for(fmt: str, model_path, model_base, checkpoint_dir: Path) -> Path | None:
+    """The base LLM's directory: required for a LoRA checkpoint, refused for any other."""
+    if fmt == "lora":
+        if model_base is None:
+            raise UsageError(f"{model_path} is a LoRA checkpoint: pass --model-base with its base "
+                             f"LLM ({_lora_base_hint(checkpoint_dir)})")
+        return resolve_checkpoint_dir(model_base, flag="--model-base")
+    if model_base is not None:
+        raise UsageError(f"--model-base is only for LoRA checkpoints; {model_path} is a complete "
+                         f"{fmt}-format checkpoint")
+    return None
+
+
+def _build_weights(fmt: str, checkpoint_dir: Path, config: dict[str, Any], base_dir: Path | None,
+                   random_init: bool, seed: int, device: torch.device, dtype: torch.dtype):
+    """(the HF LLaVA module, the CLIP directory of an original checkpoint or None, the weights
+    checksum): random weights from the configs alone, or the checkpoint's own."""
+    clip_dir = None
+    if random_init:
+        if fmt == "hf":
+            from transformers import LlavaConfig
+
+            with _quiet_transformers():
+                llava_config = LlavaConfig.from_pretrained(checkpoint_dir)
+        else:
+            _check_original_config(checkpoint_dir, config)
+            llava_config, clip_dir = _original_llava_config(checkpoint_dir, config,
+                                                            allow_builtin=True)
+        return (_random_model(llava_config, seed, device, dtype), clip_dir,
+                random_init_checksum(config, seed, device))
+    if fmt == "hf":
+        return (_load_hf(checkpoint_dir, device, dtype), None,
+                weights_checksum(_labelled("model", checkpoint_dir)))
+    hf, clip_dir = _load_original(checkpoint_dir, config, device, dtype, base_dir)
+    files = _labelled("model", checkpoint_dir) + _labelled("vision", clip_dir)
+    if base_dir is not None:
+        files += _labelled("base", base_dir)
+    return hf, clip_dir, weights_checksum(files)
+
+
 def load_model(model_path: str | Path, model_base: str | Path | None = None, *,
                random_init: bool = False, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "auto", seed: int = 0) -> LlavaModel:
@@ -853,38 +893,9 @@ def load_model(model_path: str | Path, model_base: str | Path | None = None, *,
     checkpoint_dir = resolve_checkpoint_dir(model_path)
     config = read_config(checkpoint_dir)
     fmt = _format_of(checkpoint_dir, config)
-    base_dir = None
-    if fmt == "lora":
-        if model_base is None:
-            raise UsageError(f"{model_path} is a LoRA checkpoint: pass --model-base with its base "
-                             f"LLM ({_lora_base_hint(checkpoint_dir)})")
-        base_dir = resolve_checkpoint_dir(model_base, flag="--model-base")
-    elif model_base is not None:
-        raise UsageError(f"--model-base is only for LoRA checkpoints; {model_path} is a complete "
-                         f"{fmt}-format checkpoint")
-
-    clip_dir = None
-    if random_init:
-        if fmt == "hf":
-            from transformers import LlavaConfig
-
-            with _quiet_transformers():
-                llava_config = LlavaConfig.from_pretrained(checkpoint_dir)
-        else:
-            _check_original_config(checkpoint_dir, config)
-            llava_config, clip_dir = _original_llava_config(checkpoint_dir, config,
-                                                            allow_builtin=True)
-        hf = _random_model(llava_config, seed, device, dtype)
-        checksum = random_init_checksum(config, seed, device)
-    elif fmt == "hf":
-        hf = _load_hf(checkpoint_dir, device, dtype)
-        checksum = weights_checksum(_labelled("model", checkpoint_dir))
-    else:
-        hf, clip_dir = _load_original(checkpoint_dir, config, device, dtype, base_dir)
-        files = _labelled("model", checkpoint_dir) + _labelled("vision", clip_dir)
-        if base_dir is not None:
-            files += _labelled("base", base_dir)
-        checksum = weights_checksum(files)
+    base_dir = _base_dir_for(fmt, model_path, model_base, checkpoint_dir)
+    hf, clip_dir, checksum = _build_weights(fmt, checkpoint_dir, config, base_dir, random_init,
+                                            seed, device, dtype)
 
     tokenizer_dir = base_dir if base_dir is not None else checkpoint_dir
     identity = {
