@@ -314,3 +314,42 @@ def test_hidden_capture_takes_the_first_element_of_a_tuple_output():
         torch.testing.assert_close(got[0], full[0, 1:3])
         torch.testing.assert_close(got[1, 0], full[1, 3])
         assert not got[1, 1].any()    # past the row's k: zeros
+
+
+def test_bench_layers_all_captures_every_layer(tmp_path):
+    result = vtkit("bench", "--shape", "tiny", "--questions", 2, "--tokens", "64",
+                   "--seed-questions", 1, "--device", "cpu", "--layers", "all",
+                   "--capture", "attn_out,hidden", "--output-dir", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "run" / cache.SWEEP_FILE, "r") as f:
+        num_layers = int(f.attrs["num_layers"])
+        assert f.attrs["layers"].tolist() == list(range(num_layers))
+        assert all(cache.spectra_dataset(c, layer, 64) in f for c in ("attn_out", "hidden")
+                   for layer in range(num_layers))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["layers"] == "all" and saved["captures"] == ["attn_out", "hidden"]
+
+
+def test_pinned_buffers_are_reused(monkeypatch):
+    import vtkit.sweep as sweep_module
+
+    made = []
+    plain_empty = torch.empty
+
+    def empty(*shape, pin_memory=False, **kw):    # no CUDA here: pinning is not possible
+        made.append(shape)
+        return plain_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    pool = sweep_module._PinnedBuffers(limit=2)
+    first = pool.take(100)
+    assert first.numel() == 128     # rounded up to a power of two
+    pool.give(first)
+    assert pool.take(90) is first   # a buffer that fits is reused, not allocated again
+    second = pool.take(300)
+    pool.give(first)
+    pool.give(second)
+    pool.give(pool.take(1000))
+    assert len(made) == 3 and len(pool.idle) == 2
+    # Beyond the limit the smallest idle buffer goes.
+    assert not any(b is first for b in pool.idle)

@@ -473,11 +473,10 @@ class _PinnedBuffers:
 
     def take(self, numel: int) -> torch.Tensor:
         with self.lock:
-            fitting = [b for b in self.idle if b.numel() >= numel]
+            # Positions, not tensors: a list's remove() would compare tensors elementwise.
+            fitting = [i for i, b in enumerate(self.idle) if b.numel() >= numel]
             if fitting:
-                buffer = min(fitting, key=torch.Tensor.numel)
-                self.idle.remove(buffer)
-                return buffer
+                return self.idle.pop(min(fitting, key=lambda i: self.idle[i].numel()))
         # Rounded up, so that batches of slightly different shapes share buffers.
         return torch.empty(1 << max(numel - 1, 1).bit_length(), dtype=torch.float64,
                            pin_memory=True)
@@ -486,7 +485,7 @@ class _PinnedBuffers:
         with self.lock:
             self.idle.append(buffer)
             if len(self.idle) > self.limit:
-                self.idle.remove(min(self.idle, key=torch.Tensor.numel))
+                self.idle.pop(min(range(len(self.idle)), key=lambda i: self.idle[i].numel()))
 
 
 @dataclass
