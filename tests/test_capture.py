@@ -353,3 +353,22 @@ def test_pinned_buffers_are_reused(monkeypatch):
     assert len(made) == 3 and len(pool.idle) == 2
     # Beyond the limit the smallest idle buffer goes.
     assert not any(b is first for b in pool.idle)
+
+
+def test_the_token_budget_leaves_room_for_more_captured_slots(monkeypatch):
+    from types import SimpleNamespace
+
+    from vtkit.bench import shape_config
+    from vtkit.generate import default_token_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * 2**30, 140 * 2**30))
+    seven_b = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, num_patches=576,
+                              language_model=SimpleNamespace(config=shape_config(
+                                  "llava-1.5-7b").text_config))
+    seed = default_token_budget(seven_b)
+    assert default_token_budget(seven_b, 2) == seed       # the seed's two slots: as before
+    every = default_token_budget(seven_b, 3 * 32)
+    assert every < 0.6 * seed
+    # What the further slots hold fits in the share the budget gives them.
+    per_token = (4096 * 2 + 576 * 8) * (3 * 32 - 2)
+    assert every * per_token < 0.6 * 100 * 2**30

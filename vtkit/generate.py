@@ -284,8 +284,9 @@ def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | Non
     return answers, state.captured, state.tokens
 
 
-def default_token_budget(model) -> int:
-    """Prefill tokens per forward: a share of free GPU memory, or a fixed size on CPU."""
+def default_token_budget(model, slots: int = 2) -> int:
+    """Prefill tokens per forward: a share of free GPU memory, or a fixed size on CPU.
+    ``slots``: the (capture, layer) pairs whose visual rows the prefill keeps."""
     if model.device.type != "cuda":
         return 8192
     free, _ = torch.cuda.mem_get_info(model.device)
@@ -298,4 +299,8 @@ def default_token_budget(model) -> int:
     # hidden-size activations and the MLP intermediate; 40% of free memory stays for the
     # allocator, the captured rows and their Gram matrices.
     activations = (6 * config.hidden_size + 2 * config.intermediate_size) * width
-    return max(512, int(free * 0.6 / (2 * kv + activations)))
+    # The 40% covers the seed's two slots; each further one holds, per visual token, its row
+    # and a row of its float64 Gram matrix until the batch's copy to the host is queued.
+    per_slot = config.hidden_size * width + model.num_patches * 8
+    captured = max(0, slots - 2) * per_slot
+    return max(512, int(free * 0.6 / (2 * kv + activations + captured)))

@@ -395,7 +395,7 @@ def _compute(run: _Run, store: cache.PartStore, workers, reporter: Reporter,
     """Sweep what the parts lack on every process, merge on rank 0: (results, prefill tokens)."""
     config, model = run.config, run.model
     done = _stored_rows(store, reporter)
-    budget = config.token_budget or default_token_budget(model)
+    budget = config.token_budget or default_token_budget(model, len(run.slots))
     image_items, text_items = run.image_items, run.text_items
     keep = {it.index for it in image_items[:max(config.keep_attention, 0)]}
     computing = time.perf_counter()
