@@ -35,13 +35,13 @@ def vtkit(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def common(base_dir: Path, out: Path) -> list:
+def common(base_dir: Path, out: Path, n: int = N) -> list:
     return ["--model-path", DEMO_MODEL_DIR, "--base-dir", base_dir, "--output-dir", out,
-            "--num-samples", N, "--device", "cpu"]
+            "--num-samples", n, "--device", "cpu"]
 
 
-def sweep_args(base_dir: Path, out: Path, *extra) -> list:
-    return ["sweep", *common(base_dir, out), "--tokens", ",".join(map(str, TOKENS)),
+def sweep_args(base_dir: Path, out: Path, *extra, n: int = N) -> list:
+    return ["sweep", *common(base_dir, out, n), "--tokens", ",".join(map(str, TOKENS)),
             "--max-new-tokens", 2, *extra]
 
 
@@ -169,7 +169,7 @@ def test_every_stored_spectrum_is_svdvals_of_the_captured_rows(
 def test_several_captures_and_layers_in_one_prefill(demo_scienceqa, features_dir, tmp_path):
     out = fresh(features_dir, tmp_path, "several")
     result = vtkit(*sweep_args(demo_scienceqa, out, "--layers", "2,-1,first", "--capture",
-                               "hidden,attn_out", "--keep-attention", "0", "--num-samples", 3))
+                               "hidden,attn_out", "--keep-attention", "0", n=3))
     assert result.exit_code == 0, result.output
     with h5py.File(out / cache.SWEEP_FILE, "r") as f:
         layers = f.attrs["layers"].tolist()
@@ -182,6 +182,13 @@ def test_several_captures_and_layers_in_one_prefill(demo_scienceqa, features_dir
         # The residual stream is not the attention output.
         assert not np.allclose(f[cache.spectra_dataset("hidden", 2, 64)][:],
                                f[cache.spectra_dataset("attn_out", 2, 64)][:])
+
+
+@pytest.mark.parametrize("command", ["sweep", "run", "bench"])
+def test_the_commands_have_layers_and_capture(command):
+    help_text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).stdout
+    assert " --layers " in help_text and " --capture " in help_text
+    assert all(c in " ".join(help_text.split()) for c in CAPTURES)
 
 
 def test_resolve_layers():
