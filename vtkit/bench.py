@@ -3,7 +3,7 @@
 The model is built from its config with random weights directly on the device; the questions
 are synthetic, with text lengths drawn from the real ScienceQA test questions (the length table
 in ``assets/cqma_test_lengths.json``). Extract and sweep then run exactly as a user's would
-(same functions, batching, attention capture and spectra), with a phase timer attached. Random
+(same functions, batching, activation capture and spectra), with a phase timer attached. Random
 weights never stop at EOS, so the bench decodes ``max_new_tokens`` = 2 tokens per answer, what
 LLaVA-1.5 emits on ScienceQA (the letter, then EOS).
 """

@@ -42,7 +42,7 @@ DEFAULT_SINGLE_PRED_PROMPT = True
 DEFAULT_TEMPERATURE = 0.0
 #: The longest answer generated, as in LLaVA's model_vqa_science.py.
 DEFAULT_MAX_NEW_TOKENS = 1024
-#: Image questions whose raw k x d attention outputs the sweep keeps, for rank's float64 check.
+#: Image questions whose raw k x d captured rows the sweep keeps, for rank's float64 check.
 DEFAULT_KEEP_ATTENTION = 2
 #: The k grid of a full sweep: DEFAULT_MAX_TOKENS (all 576 patches), then every multiple of
 #: DEFAULT_STEP below it, down to DEFAULT_MIN_TOKENS (57 values).

@@ -11,7 +11,7 @@ answer files ``answers/k{K}.jsonl``.
 
 This module is the stage: its config, the plan of (question, k) batches, the part files and
 resuming, the merge and the scoring of the merged answers. One batch through the language
-model (prepared items, attention capture, prefill, decode) is :mod:`vtkit.generate`.
+model (prepared items, activation capture, prefill, decode) is :mod:`vtkit.generate`.
 """
 
 from __future__ import annotations

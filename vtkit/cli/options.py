@@ -102,7 +102,8 @@ TokensOpt = Annotated[str | None, typer.Option(
     help="Explicit comma-separated k values, e.g. 576,192,128,64 (overrides the grid).")]
 KeepAttentionOpt = Annotated[int, typer.Option(
     "--keep-attention", min=0,
-    help="Also store the raw k x d attention outputs of the first N image questions.")]
+    help="Also store the raw k x d captured rows (every --capture and --layers) of the first N "
+         "image questions.")]
 LayersOpt = Annotated[str, typer.Option(
     "--layers",
     help="Decoder layers whose visual rows are analysed, all in the same prefill: first,last "
