@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vtkit.cache import SCHEMA_VERSION
+from vtkit.cache import FEATURES_SCHEMA_VERSION
 from vtkit.cli.main import app
 from vtkit.data import build_question_entries, load_question_file, write_question_file
 from vtkit.demo import DEMO_MODEL_DIR
@@ -107,7 +107,7 @@ def test_features_record_each_images_sha256(finished, demo_scienceqa):
     with h5py.File(finished / "features.h5", "r") as f:
         stored = f["image_sha256"].asstr()[:].tolist()
         assert "image_sizes" not in f and "image_mtimes_ns" not in f
-        assert int(f.attrs["schema_version"]) == SCHEMA_VERSION
+        assert int(f.attrs["schema_version"]) == FEATURES_SCHEMA_VERSION
     folder = demo_scienceqa / "images" / "test"
     assert stored == [hashlib.sha256((folder / p).read_bytes()).hexdigest()
                       for p in image_paths(finished)]

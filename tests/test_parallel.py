@@ -37,10 +37,11 @@ def test_two_ranks_equal_one_process(tiny_models, demo_scienceqa, tmp_path):
         assert a.attrs["fingerprint"] == b.attrs["fingerprint"]
         assert a["answers"][:].tolist() == b["answers"][:].tolist()
         assert np.array_equal(a["correct"][:], b["correct"][:])
-        for name in ("spectra/first_layer/k20", "spectra/last_layer/k576"):
+        last = int(a.attrs["layers"][-1])
+        for name in ("spectra/attn_out/layer0/k20", f"spectra/attn_out/layer{last}/k576"):
             np.testing.assert_allclose(a[name][:], b[name][:], rtol=1e-4, atol=1e-5)
         # Raw matrices are stored in float16: other batches may round the last bit otherwise.
-        np.testing.assert_allclose(a["attention/first_layer/k100"][:],
-                                   b["attention/first_layer/k100"][:], rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(a["attention/attn_out/layer0/k100"][:],
+                                   b["attention/attn_out/layer0/k100"][:], rtol=2e-3, atol=2e-3)
     assert (single / "answers" / "k100.jsonl").read_text() == \
         (double / "answers" / "k100.jsonl").read_text()

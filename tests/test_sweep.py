@@ -22,7 +22,7 @@ from vtkit.cache import FEATURES_FILE, SWEEP_FILE, SWEEP_PARTS_DIR
 from vtkit.cli.main import app
 from vtkit.data import select_questions
 from vtkit.extract import ExtractConfig, extract
-from vtkit.generate import AttentionCapture, clean_answer, decode, prefill, prepare_items
+from vtkit.generate import ActivationCapture, clean_answer, decode, prefill, prepare_items
 from vtkit.images import load_image, preprocess_images
 from vtkit.pruning import gather_rows, singular_values, top_k_raster
 from vtkit.sweep import SweepConfig, sweep
@@ -124,30 +124,32 @@ def test_kept_rows_are_the_top_k_in_raster_order(swept, model, demo_scienceqa):
     k = 20
     kept = top_k_raster(l2[:2], k)
     visual = gather_rows(projected[:2], kept)
-    capture = AttentionCapture(model)
+    last = model.num_layers - 1
+    capture = ActivationCapture(model)
     try:
         state = prefill(model, items[:2], list(visual), capture)
     finally:
         capture.close()
+    first_rows, last_rows = state.captured[("attn_out", 0)], state.captured[("attn_out", last)]
     with h5py.File(out / SWEEP_FILE, "r") as f:
-        stored_first = f[f"attention/first_layer/k{k}"][:]
-        stored_last = f[f"attention/last_layer/k{k}"][:]
-        spectra = f[f"spectra/first_layer/k{k}"][:2]
-    np.testing.assert_allclose(stored_first, state.captured[0].numpy(), rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(stored_last, state.captured[1].numpy(), rtol=2e-3, atol=2e-3)
+        stored_first = f[f"attention/attn_out/layer0/k{k}"][:]
+        stored_last = f[f"attention/attn_out/layer{last}/k{k}"][:]
+        spectra = f[f"spectra/attn_out/layer0/k{k}"][:2]
+    np.testing.assert_allclose(stored_first, first_rows.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(stored_last, last_rows.numpy(), rtol=2e-3, atol=2e-3)
     # A selection in another order (or another set) would give other attention outputs.
     shuffled = gather_rows(projected[:2], kept.flip(-1))
-    capture = AttentionCapture(model)
+    capture = ActivationCapture(model)
     try:
         other = prefill(model, items[:2], list(shuffled), capture)
     finally:
         capture.close()
-    assert not np.allclose(stored_first, other.captured[0].numpy(), atol=2e-3)
+    assert not np.allclose(stored_first, other.captured[("attn_out", 0)].numpy(), atol=2e-3)
     # Stored spectra equal a float64 SVD of the captured float32 matrices.
     for b in range(2):
-        ref = np.linalg.svd(state.captured[0][b].double().numpy(), compute_uv=False)
+        ref = np.linalg.svd(first_rows[b].double().numpy(), compute_uv=False)
         np.testing.assert_allclose(spectra[b], ref, rtol=0, atol=1e-4 * ref[0])
-    assert np.allclose(singular_values(state.captured[0]).numpy(), spectra, rtol=1e-4, atol=1e-6)
+    assert np.allclose(singular_values(first_rows).numpy(), spectra, rtol=1e-4, atol=1e-6)
 
 
 def test_answers_do_not_depend_on_batch_size(swept, tiny_models, demo_scienceqa, model,
@@ -204,7 +206,7 @@ def test_answer_files_score_like_the_sweep(swept, demo_scienceqa):
     with h5py.File(out / SWEEP_FILE, "r") as f:
         assert f.attrs["complete"]
         assert f["token_counts"][:].tolist() == TOKENS
-        assert f["spectra/first_layer/k20"].shape[1] == min(20, f.attrs["hidden_size"])
+        assert f["spectra/attn_out/layer0/k20"].shape[1] == min(20, f.attrs["hidden_size"])
 
 
 def test_rerun_is_a_no_op_and_other_settings_are_refused(swept, tiny_models, demo_scienceqa,
@@ -251,8 +253,9 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tiny_models, demo_sc
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with h5py.File(reference / SWEEP_FILE, "r") as a, h5py.File(out / SWEEP_FILE, "r") as b:
         assert a.attrs["fingerprint"] == b.attrs["fingerprint"]
-        for name in ("answers", "correct", "spectra/first_layer/k20", "spectra/last_layer/k576",
-                     "attention/first_layer/k100"):
+        last = int(a.attrs["layers"][-1])
+        for name in ("answers", "correct", "spectra/attn_out/layer0/k20",
+                     f"spectra/attn_out/layer{last}/k576", "attention/attn_out/layer0/k100"):
             assert np.array_equal(a[name][:], b[name][:]), name
     assert (reference / "answers" / "k20.jsonl").read_text() == \
         (out / "answers" / "k20.jsonl").read_text()
@@ -285,8 +288,10 @@ def test_the_layout_names_are_the_documented_ones():
     """Writers and readers take these names from vtkit.cache; docs/cache.md documents them."""
     from vtkit import cache
 
-    assert cache.spectra_dataset("first_layer", 20) == "spectra/first_layer/k20"
-    assert cache.attention_dataset("last_layer", 576) == "attention/last_layer/k576"
+    assert cache.spectra_dataset("attn_out", 0, 20) == "spectra/attn_out/layer0/k20"
+    assert cache.attention_dataset("hidden", 31, 576) == "attention/hidden/layer31/k576"
+    assert cache.layer_name(2) == "layer2"
+    assert (cache.FEATURES_SCHEMA_VERSION, cache.SWEEP_SCHEMA_VERSION) == (2, 3)
     assert cache.answers_file(100) == "answers/k100.jsonl"
     assert cache.LAYERS == ("first_layer", "last_layer")
     figures = ("pruning_experiment_*.png", "pruning_experiment_*.pdf")

@@ -3,7 +3,7 @@
 The model is built from its config with random weights directly on the device; the questions
 are synthetic, with text lengths drawn from the real ScienceQA test questions (the length table
 in ``assets/cqma_test_lengths.json``). Extract and sweep then run exactly as a user's would
-(same functions, batching, attention capture and spectra), with a phase timer attached. Random
+(same functions, batching, activation capture and spectra), with a phase timer attached. Random
 weights never stop at EOS, so the bench decodes ``max_new_tokens`` = 2 tokens per answer, what
 LLaVA-1.5 emits on ScienceQA (the letter, then EOS).
 """
@@ -25,8 +25,10 @@ from vtkit.defaults import (
     DEFAULT_BENCH_QUESTIONS,
     DEFAULT_BENCH_SEED_QUESTIONS,
     DEFAULT_BENCH_SHAPE,
+    DEFAULT_CAPTURE,
     DEFAULT_CONV_MODE,
     DEFAULT_DEVICE,
+    DEFAULT_LAYERS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_TOKENS,
     DEFAULT_SEED,
@@ -54,6 +56,8 @@ class BenchConfig:
     token_budget: int | None = None
     max_new_tokens: int = DEFAULT_BENCH_MAX_NEW_TOKENS
     compile: bool = False
+    layers: str = DEFAULT_LAYERS          # --layers of the measured sweep (all: every layer)
+    captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
     seed_questions: int = DEFAULT_BENCH_SEED_QUESTIONS
     output_dir: Path = DEFAULT_BENCH_DIR
     seed: int = DEFAULT_SEED
@@ -236,6 +240,7 @@ def model_measures(config: BenchConfig, model, build_seconds: float, peak: float
         else "cpu",
         "shape": config.shape, "dtype": str(model.dtype).replace("torch.", ""),
         "questions": config.questions, "k_values": len(config.tokens),
+        "layers": config.layers, "captures": list(config.captures),
         "lm_parameters": lm_params, "gflop_per_token": 2 * lm_params / 1e9,
         "matmul_peak_tflops": peak / 1e12, "model_build_seconds": build_seconds,
     }
@@ -255,7 +260,8 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
     sweep_config = SweepConfig(**common, tokens=list(config.tokens),
                                max_new_tokens=config.max_new_tokens,
                                batch_size=config.batch_size, token_budget=config.token_budget,
-                               compile=config.compile)
+                               compile=config.compile, layers=config.layers,
+                               captures=list(config.captures))
     timer = PhaseTimer(model.device)
     run = run_pipeline(ExtractConfig(**common, seed=config.seed), sweep_config,
                        reporter=reporter, model=model, timer=timer)

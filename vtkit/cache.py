@@ -12,7 +12,8 @@ Every file vtkit writes goes through :func:`atomic_path` (a temporary name uniqu
 and the write; a failed write leaves nothing and becomes one line naming the file), and every
 stage holds :func:`output_lock` on its output directory: one writer per directory. The names
 of the files in an output directory and of the datasets in them (:func:`k_name`,
-:data:`LAYERS`) are defined here, once, for the stages that write them and those that read them.
+:func:`spectra_dataset`) are defined here, once, for the stages that write them and those that
+read them.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ from vtkit.errors import (
     os_error_message,
 )
 
-#: 2: features.h5 holds each image's sha256 (not its size and mtime); the fingerprints compare
-#: models by weights, not by path; sweep.h5 carries the answer key's hash.
-SCHEMA_VERSION = 2
+#: The layout version of each file; a file of another version is refused (or, with --force,
+#: recomputed). features.h5 2: each image's sha256 (not its size and mtime), models compared by
+#: weights, not by path.
+FEATURES_SCHEMA_VERSION = 2
+#: sweep.h5 3: spectra and kept rows by tensor and decoder layer index
+#: (``spectra/attn_out/layer0/k20``); 2 held the first and last layer's attention output alone
+#: (``spectra/first_layer/k20``) and the answer key's hash.
+SWEEP_SCHEMA_VERSION = 3
 #: What survives a failed write of a stage, for its error message.
 PARTS_KEPT = "finished parts are kept"
 STRING = h5py.string_dtype("utf-8")
@@ -69,27 +75,41 @@ RESULTS_FIGURE = FIGURE_PREFIX + "results"
 RAW_FIGURE = FIGURE_PREFIX + "raw"
 COMPARE_FIGURE = FIGURE_PREFIX + "compare"
 FIGURE_FORMATS = ("png", "pdf")
-#: The two decoder layers whose attention outputs the sweep captures, as named in sweep.h5
-#: (``spectra/first_layer/k20``) and in ranks.json and the results files.
+#: The seed's two curves, as named in ranks.json, the results files and the seed's figure: the
+#: smallest and the largest analysed layer of the primary capture.
 LAYERS = ("first_layer", "last_layer")
 _K_PREFIX = "k"
+_LAYER_PREFIX = "layer"
 _ANSWERS_SUFFIX = ".jsonl"
 
 
 def k_name(k: int) -> str:
-    """The name of one k of the grid, in sweep.h5 (``spectra/first_layer/k20``) and in the
+    """The name of one k of the grid, in sweep.h5 (``spectra/attn_out/layer0/k20``) and in the
     answer files (``answers/k20.jsonl``)."""
     return f"{_K_PREFIX}{int(k)}"
 
 
-def spectra_dataset(layer: str, k: int) -> str:
-    """sweep.h5's dataset of the singular values of one layer's k visual rows."""
-    return f"spectra/{layer}/{k_name(k)}"
+def layer_name(layer: int) -> str:
+    """The name of one decoder layer (by its index from 0) in sweep.h5: ``layer0``."""
+    return f"{_LAYER_PREFIX}{int(layer)}"
 
 
-def attention_dataset(layer: str, k: int) -> str:
-    """sweep.h5's dataset of the raw attention rows kept of one layer at one k."""
-    return f"attention/{layer}/{k_name(k)}"
+def slot_name(capture: str, layer: int) -> str:
+    """One captured tensor of one layer, as sweep.h5 and its part files name it:
+    ``attn_out/layer0``."""
+    return f"{capture}/{layer_name(layer)}"
+
+
+def spectra_dataset(capture: str, layer: int, k: int) -> str:
+    """sweep.h5's dataset of the singular values of one tensor's k visual rows at one layer:
+    [n_img, min(k, d)] float32, descending."""
+    return f"spectra/{slot_name(capture, layer)}/{k_name(k)}"
+
+
+def attention_dataset(capture: str, layer: int, k: int) -> str:
+    """sweep.h5's dataset of the raw rows kept (--keep-attention) of one tensor at one layer and
+    one k: [n_keep, k, d] float16."""
+    return f"attention/{slot_name(capture, layer)}/{k_name(k)}"
 
 
 def answers_file(k: int) -> str:
@@ -316,7 +336,7 @@ def write_h5_atomic(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, A
                     kept: str = "") -> None:
     """Write an HDF5 file whole or not at all (see :func:`atomic_h5`).
 
-    ``arrays`` maps dataset paths ("spectra/first_layer/k20") to arrays or lists of strings;
+    ``arrays`` maps dataset paths ("spectra/attn_out/layer0/k20") to arrays or lists of strings;
     ``compression`` optionally maps a dataset path to h5py create_dataset keyword arguments.
     """
     with atomic_h5(path, kept) as f:
@@ -361,11 +381,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def base_attrs(config: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
+def base_attrs(config: Mapping[str, Any], inputs: Mapping[str, Any], schema: int,
+               ) -> dict[str, Any]:
     """The attributes every vtkit file carries: version, schema, config, inputs, fingerprint."""
     return {
         "vtkit_version": __version__,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema,
         "config": json.dumps(config, sort_keys=True, default=str),
         "inputs": json.dumps(inputs, sort_keys=True, default=str),
         "fingerprint": fingerprint(inputs),
@@ -537,22 +558,23 @@ class PartStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _refusal(path: Path, attrs: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
-    schema = attrs.get("schema_version")
-    if schema != SCHEMA_VERSION:
-        return (f"{path} has schema version {schema}, this vtkit reads version {SCHEMA_VERSION}: "
-                f"pass --force to recompute it")
+def _refusal(path: Path, attrs: Mapping[str, Any], inputs: Mapping[str, Any],
+             schema: int) -> str:
+    if attrs.get("schema_version") != schema:
+        return (f"{path} has schema version {attrs.get('schema_version')}, this vtkit reads "
+                f"version {schema}: pass --force to recompute it")
     if not attrs.get("complete") and attrs.get("fingerprint") == fingerprint(inputs):
         return f"{path} is incomplete: delete it or pass --force to recompute it"
     return mismatch_message(path, stored_inputs(attrs), inputs)
 
 
 def start_parts(final: Path, parts_dir: Path, inputs: Mapping[str, Any], force: bool,
-                workers) -> PartStore | None:
+                workers, schema: int) -> PartStore | None:
     """Decide what a stage does about ``final``; return its opened part store, or None.
 
     None: ``final`` is complete and was made from these inputs (nothing to do). A final file
-    from other inputs is refused with a message naming what changed, or with ``force`` removed.
+    from other inputs, or of a ``schema`` other than this vtkit's for that file, is refused with
+    a message naming what changed (or the version), or with ``force`` removed.
     Under torchrun rank 0 opens (or resets) the part directory before the other ranks do.
     """
     if final.exists():
@@ -562,11 +584,11 @@ def start_parts(final: Path, parts_dir: Path, inputs: Mapping[str, Any], force: 
             if not force:
                 raise DataError(f"{error}; delete it or pass --force to recompute it") from None
             attrs = {}
-        if (attrs.get("schema_version") == SCHEMA_VERSION and attrs.get("complete")
+        if (attrs.get("schema_version") == schema and attrs.get("complete")
                 and attrs.get("fingerprint") == fingerprint(inputs)):
             return None
         if not force:
-            raise CacheMismatchError(_refusal(final, attrs, inputs))
+            raise CacheMismatchError(_refusal(final, attrs, inputs, schema))
         workers.barrier()   # every rank has read the old file before rank 0 removes it
         if workers.is_main:
             final.unlink()

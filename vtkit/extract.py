@@ -129,7 +129,7 @@ def cache_inputs(model, image_mode: str, seed: int, questions: list[Question],
     from vtkit.model import model_key
 
     return {
-        "schema_version": cache.SCHEMA_VERSION,
+        "schema_version": cache.FEATURES_SCHEMA_VERSION,
         "model": model_key(model.identity),
         "vision": vision_settings(model),
         "dtype": str(model.identity.get("dtype")),
@@ -179,7 +179,8 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None, model=None)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / FEATURES_FILE
-    store = cache.start_parts(final, output_dir / FEATURES_PARTS_DIR, inputs, config.force, workers)
+    store = cache.start_parts(final, output_dir / FEATURES_PARTS_DIR, inputs, config.force, workers,
+                              cache.FEATURES_SCHEMA_VERSION)
     if store is None:
         reporter.info(f"{final}: cache is complete ({len(questions)} images); nothing to do")
         return ExtractResult(final, len(questions), 0, time.perf_counter() - started,
@@ -274,7 +275,7 @@ def _merge(store, final, questions, hashes, model, config, inputs, feature_dtype
     cache.check_free_space(final.parent, store.size(), final, cache.PARTS_KEPT)
     # Each row is written as one whole chunk: no chunk cache needed (none to flush at close).
     with cache.atomic_h5(final, cache.PARTS_KEPT, rdcc_nbytes=0) as out:
-        attrs = cache.base_attrs(config.to_dict(), inputs)
+        attrs = cache.base_attrs(config.to_dict(), inputs, cache.FEATURES_SCHEMA_VERSION)
         attrs.update({
             # The model path as given; sweep.h5's model_id is the checkpoint's name (docs/cache.md).
             "model_id": str(model.identity.get("model_path")),

@@ -2,8 +2,8 @@
 
 A question becomes a :class:`PreparedItem` (its prompt tokenized around the image
 placeholder); a batch of them, with the kept visual rows of each, is embedded, spliced and
-left-padded, prefilled once (:func:`prefill`, where :class:`AttentionCapture` keeps the visual
-rows of the first and last decoder layers' attention output) and decoded with the KV cache
+left-padded, prefilled once (:func:`prefill`, where :class:`ActivationCapture` keeps the visual
+rows of the chosen tensors at the chosen decoder layers) and decoded with the KV cache
 (:func:`decode`: greedy, or seeded sampling as ``generate()`` samples). :func:`run_batch` does
 both. The stage around it (planning, parts, resume, merge) is :mod:`vtkit.sweep`.
 """
@@ -60,33 +60,59 @@ def prepare_items(questions: list[Question], tokenizer,
     return items
 
 
-class AttentionCapture:
-    """Forward hooks on the o_proj of the first and last decoder layer.
+class ActivationCapture:
+    """Forward hooks that keep the visual rows of chosen tensors at chosen decoder layers.
 
-    During a prefill each hook keeps only the visual rows of its layer's attention output
-    (before the residual add), so the full [B, L, D] activations are never held. Rows have
-    their own k: the kept block is [B, k_max, D] with zeros past each row's k.
+    A slot is a (capture, layer) pair, capture one of :data:`vtkit.defaults.CAPTURES`:
+    ``attn_out`` is the output of the layer's ``self_attn.o_proj`` (before the residual add),
+    ``attn_heads`` its input (the concatenated heads, read by a pre-hook), ``hidden`` the decoder
+    layer's output (a tensor, or the first element of the tuple some transformers versions
+    return). During a prefill each hook keeps only its slot's visual rows, so the full
+    [B, L, D] activations are never held. Rows have their own k: the kept block is
+    [B, k_max, D] with zeros past each row's k. Every slot fills in the same prefill.
     """
 
-    def __init__(self, model) -> None:
-        layers = model.decoder_layers
-        self.layer_ids = [0, len(layers) - 1]
+    def __init__(self, model, captures: list[str] | tuple[str, ...] = ("attn_out",),
+                 layers: list[int] | None = None) -> None:
+        decoder = model.decoder_layers
+        layers = [0, len(decoder) - 1] if layers is None else list(layers)
+        self.slots = [(c, layer) for c in captures for layer in layers]
         self.rows: torch.Tensor | None = None    # [B, k_max] positions of the visual rows
         self.valid: torch.Tensor | None = None   # [B, k_max] row j < that row's k
-        self.captured: list[torch.Tensor | None] = [None, None]
-        self.handles = [layers[i].self_attn.o_proj.register_forward_hook(self._hook(j))
-                        for j, i in enumerate(self.layer_ids)]
+        self.captured: dict[tuple[str, int], torch.Tensor] = {}
+        self.handles = [self._register(decoder[layer], capture, (capture, layer))
+                        for capture, layer in self.slots]
+        self.widths = slot_widths(model, self.slots)   # each slot's row width d
 
-    def _hook(self, slot: int):
-        def hook(module, args, output):
-            if self.rows is not None:
-                rows = gather_rows(output, self.rows)
-                self.captured[slot] = rows.masked_fill(~self.valid[..., None], 0)
-        return hook
+    def _register(self, layer, capture: str, slot: tuple[str, int]):
+        if capture == "attn_out":
+            return layer.self_attn.o_proj.register_forward_hook(
+                lambda module, args, output: self._keep(slot, output))
+        if capture == "attn_heads":
+            return layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda module, args: self._keep(slot, args[0]))
+        if capture == "hidden":
+            return layer.register_forward_hook(
+                lambda module, args, output: self._keep(
+                    slot, output[0] if isinstance(output, tuple) else output))
+        raise ValueError(f"unknown capture {capture!r}")
+
+    def _keep(self, slot: tuple[str, int], tensor: torch.Tensor) -> None:
+        if self.rows is not None:
+            rows = gather_rows(tensor, self.rows)
+            self.captured[slot] = rows.masked_fill(~self.valid[..., None], 0)
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def slot_widths(model, slots: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The row width of each (capture, layer) slot: o_proj's input width for ``attn_heads``
+    (the heads times the head size), the hidden size for the others."""
+    decoder = model.decoder_layers
+    return {(c, layer): int(decoder[layer].self_attn.o_proj.in_features) if c == "attn_heads"
+            else int(model.hidden_size) for c, layer in slots}
 
 
 def sampling_candidates(logits: torch.Tensor, temperature: float, top_k: int,
@@ -158,18 +184,18 @@ class Prefill:
     past: object                       # the KV cache
     mask: torch.Tensor                 # [B, L]
     positions: torch.Tensor            # [B, L]
-    captured: list                     # [first, last] ([B, k_max, D]) or [None, None]
+    captured: dict                     # (capture, layer) -> [B, k_max, D]; {} without capture
     tokens: int                        # prefill tokens, padding included
 
 
 @torch.inference_mode()
 def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
-            capture: AttentionCapture | None = None) -> Prefill:
+            capture: ActivationCapture | None = None) -> Prefill:
     """Embed, splice and left-pad a batch, run the language model once over it.
 
     With ``visual`` (one [k_i, D] tensor per item; k may differ between items) the kept rows
-    replace each image placeholder; with ``capture`` the first and last layers' attention
-    outputs of those rows are kept.
+    replace each image placeholder; with ``capture`` the captured tensors of those rows are kept
+    at every layer of its slots.
     """
     embed, device = model.embed_tokens, model.device
     sequences, visual_starts = [], []
@@ -192,14 +218,14 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
         # Past its own k a row repeats its last visual position; the hook zeroes those rows.
         capture.rows = starts[:, None] + torch.minimum(offsets[None, :], ks[:, None] - 1)
         capture.valid = offsets[None, :] < ks[:, None]
-        capture.captured = [None, None]
+        capture.captured = {}
     past = model.new_cache()
     try:
         hidden = model.run_decoder(embeds, mask, positions, past)
     finally:
         if capture is not None:
             capture.rows = None
-    captured = list(capture.captured) if capturing else [None, None]
+    captured = dict(capture.captured) if capturing else {}
     logits = model.lm_head(hidden[:, -1])
     return Prefill(logits, past, mask, positions, captured, int(embeds.shape[0] * embeds.shape[1]))
 
@@ -247,8 +273,8 @@ def clean_answer(text: str) -> str:
 
 
 def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
-              config: SweepConfig, capture: AttentionCapture | None, ks: list[int],
-              timer: PhaseTimer | NullTimer | None = None) -> tuple[list[str], list, int]:
+              config: SweepConfig, capture: ActivationCapture | None, ks: list[int],
+              timer: PhaseTimer | NullTimer | None = None) -> tuple[list[str], dict, int]:
     """Prefill and decode one batch: (answers, captured rows, prefill tokens)."""
     timer = timer or NullTimer()
     with timer.phase("prefill"):
@@ -258,8 +284,9 @@ def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | Non
     return answers, state.captured, state.tokens
 
 
-def default_token_budget(model) -> int:
-    """Prefill tokens per forward: a share of free GPU memory, or a fixed size on CPU."""
+def default_token_budget(model, slots: int = 2) -> int:
+    """Prefill tokens per forward: a share of free GPU memory, or a fixed size on CPU.
+    ``slots``: the (capture, layer) pairs whose visual rows the prefill keeps."""
     if model.device.type != "cuda":
         return 8192
     free, _ = torch.cuda.mem_get_info(model.device)
@@ -272,4 +299,8 @@ def default_token_budget(model) -> int:
     # hidden-size activations and the MLP intermediate; 40% of free memory stays for the
     # allocator, the captured rows and their Gram matrices.
     activations = (6 * config.hidden_size + 2 * config.intermediate_size) * width
-    return max(512, int(free * 0.6 / (2 * kv + activations)))
+    # The 40% covers the seed's two slots; each further one holds, per visual token, its row
+    # and a row of its float64 Gram matrix until the batch's copy to the host is queued.
+    per_slot = config.hidden_size * width + model.num_patches * 8
+    captured = max(0, slots - 2) * per_slot
+    return max(512, int(free * 0.6 / (2 * kv + activations + captured)))

@@ -953,6 +953,20 @@ def checkpoint_num_patches(model_path: str | Path) -> int:
     return (vision.image_size // vision.patch_size) ** 2
 
 
+def checkpoint_num_layers(model_path: str | Path) -> int | None:
+    """Decoder layers of the language model, from the checkpoint's configs alone, so a bad
+    --layers is refused before the model loads; None when config.json does not say."""
+    checkpoint_dir = resolve_checkpoint_dir(model_path)
+    config = read_config(checkpoint_dir)
+    if _format_of(checkpoint_dir, config) == "hf":
+        from transformers import LlavaConfig
+
+        with _quiet_transformers():
+            return LlavaConfig.from_pretrained(checkpoint_dir).text_config.num_hidden_layers
+    layers = config.get("num_hidden_layers")
+    return int(layers) if layers is not None else None
+
+
 # --------------------------------------------------------------------------------------------
 # Converting to the HF format
 

@@ -23,7 +23,7 @@ from vtkit.cache import output_lock
 from vtkit.extract import ExtractConfig, ExtractResult, extract
 from vtkit.parallel import init_workers
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
-from vtkit.sweep import SweepConfig, SweepResult, check_tokens_fit, sweep
+from vtkit.sweep import SweepConfig, SweepResult, check_model_fit, sweep
 
 if TYPE_CHECKING:
     from vtkit.plot import PlotConfig, PlotResult
@@ -52,13 +52,14 @@ def synchronize(device: torch.device) -> None:
 def check_configs(extract_config: ExtractConfig, sweep_config: SweepConfig,
                   rank_config: RankConfig | None = None, plot_config: PlotConfig | None = None,
                   model=None) -> None:
-    """Every flag, and the grid against the patch count of ``model`` or, before any model work,
-    of the checkpoint (UsageError naming the flag); the stages of one run share one output dir."""
+    """Every flag, and the grid and --layers against the patch and layer counts of ``model`` or,
+    before any model work, of the checkpoint (UsageError naming the flag); the stages of one run
+    share one output dir."""
     extract_config.validate()
     sweep_config.validate()
     if rank_config is not None:
         rank_config.validate()
-    check_tokens_fit(sweep_config, model)
+    check_model_fit(sweep_config, model)
     configs = [c for c in (extract_config, sweep_config, rank_config, plot_config)
                if c is not None]
     output_dirs = {Path(c.output_dir) for c in configs}

@@ -2,15 +2,16 @@
 
 For every k of the grid and every image question: project the cached CLIP features, keep the
 top-k by the chosen scorer in raster order, splice them into the embedded prompt in place of the
-image placeholder, run the language model (batched, left-padded), capture the self-attention
-output of the first and last decoder layers in the same prefill, keep the spectra of their k
-visual rows, and decode the answer. Text-only questions do not depend on k: they run once and
+image placeholder, run the language model (batched, left-padded), capture the chosen tensors
+(``--capture``: attention output, concatenated heads, decoder layer output) at the chosen decoder
+layers (``--layers``) in the same prefill, keep the spectra of their k visual rows, and decode
+the answer. Text-only questions do not depend on k: they run once and
 count in every k. Results go to ``sweep.h5`` (layout in ``docs/cache.md``) and to LLaVA-format
 answer files ``answers/k{K}.jsonl``.
 
 This module is the stage: its config, the plan of (question, k) batches, the part files and
 resuming, the merge and the scoring of the merged answers. One batch through the language
-model (prepared items, attention capture, prefill, decode) is :mod:`vtkit.generate`.
+model (prepared items, activation capture, prefill, decode) is :mod:`vtkit.generate`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -35,7 +37,6 @@ from vtkit import cache
 from vtkit.cache import (
     ANSWERS_DIR,
     FEATURES_FILE,
-    LAYERS,
     STALE_AFTER_RESCORE,
     STALE_AFTER_SWEEP,
     SWEEP_FILE,
@@ -43,9 +44,12 @@ from vtkit.cache import (
 )
 from vtkit.data import Selection, select_questions
 from vtkit.defaults import (
+    CAPTURES,
+    DEFAULT_CAPTURE,
     DEFAULT_CONV_MODE,
     DEFAULT_DEVICE,
     DEFAULT_KEEP_ATTENTION,
+    DEFAULT_LAYERS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_SAMPLES,
     DEFAULT_OUTPUT_DIR,
@@ -58,12 +62,13 @@ from vtkit.defaults import (
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
 from vtkit.generate import (
-    AttentionCapture,
+    ActivationCapture,
     PreparedItem,
     decode_settings,
     default_token_budget,
     prepare_items,
     run_batch,
+    slot_widths,
 )
 from vtkit.parallel import init_workers
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
@@ -100,6 +105,8 @@ class SweepConfig:
     batch_size: int | None = None     # questions per forward; None: by token budget
     token_budget: int | None = None   # prefill tokens per forward; None: from free memory
     keep_attention: int = DEFAULT_KEEP_ATTENTION
+    layers: str = DEFAULT_LAYERS      # --layers as given; resolved by :func:`resolve_layers`
+    captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
     compile: bool = False             # torch.compile the decoder's MLP and norms
     dtype: str | None = None
     device: str = DEFAULT_DEVICE
@@ -113,7 +120,8 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Check every flag that can be checked without the model (UsageError naming it).
-        The k <= number-of-patches check needs the checkpoint's config: :func:`check_tokens`."""
+        The k <= number-of-patches and layer-index checks need the checkpoint's config:
+        :func:`check_model_fit`."""
         if self.scorer not in SCORERS:
             raise UsageError(f"--scorer: unknown scorer {self.scorer!r} "
                              f"(known: {', '.join(SCORERS)})")
@@ -128,6 +136,8 @@ class SweepConfig:
             raise UsageError(f"--token-budget must be at least 1, not {self.token_budget}")
         if self.keep_attention < 0:
             raise UsageError(f"--keep-attention must be 0 or more, not {self.keep_attention}")
+        check_captures(self.captures)
+        resolve_layers(self.layers)
         check_common_flags(self)
 
 
@@ -164,15 +174,61 @@ def check_tokens(tokens: list[int], num_patches: int | None = None) -> None:
                          f"visual tokens of this model")
 
 
-def check_tokens_fit(config: SweepConfig, model=None) -> None:
-    """k <= the model's visual tokens, read from the checkpoint's configs when no model is
-    loaded yet, so a bad grid is refused before any model work."""
+def check_captures(captures: list[str]) -> list[str]:
+    """The --capture names, checked, without repeats and in :data:`CAPTURES` order."""
+    if not captures:
+        raise UsageError("--capture: no tensor to capture")
+    unknown = [c for c in captures if c not in CAPTURES]
+    if unknown:
+        raise UsageError(f"--capture: unknown tensor {unknown[0]!r} (known: {', '.join(CAPTURES)})")
+    return [c for c in CAPTURES if c in captures]
+
+
+def resolve_layers(text: str, num_layers: int | None = None) -> list[int]:
+    """The decoder layers --layers names, ascending, without repeats, each in 0..num_layers-1.
+
+    ``text`` is comma-separated: ``first``, ``last``, ``all``, or layer indices (negative ones
+    count from the end), mixed freely. Without ``num_layers`` only the spelling is checked
+    (and [] returned). A bad entry or an index outside the model is a UsageError naming --layers.
+    """
+    entries = [e.strip() for e in str(text).split(",")]
+    if not text or not all(entries):
+        raise UsageError(f"--layers: expected first, last, all or layer indices separated by "
+                         f"commas, got {text!r}")
+    indices: set[int] = set()
+    for entry in entries:
+        if entry in ("first", "last", "all"):
+            named = {"first": [0], "last": [-1], "all": range(num_layers or 0)}[entry]
+            indices.update(named)
+            continue
+        try:
+            indices.add(int(entry))
+        except ValueError:
+            raise UsageError(f"--layers: {entry!r} is not first, last, all or a layer "
+                             f"index") from None
+    if num_layers is None:
+        return []
+    bad = [i for i in sorted(indices) if not -num_layers <= i < num_layers]
+    if bad:
+        raise UsageError(f"--layers: layer {bad[0]} is outside this model's {num_layers} decoder "
+                         f"layers (0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
+    return sorted({i % num_layers for i in indices})
+
+
+def check_model_fit(config: SweepConfig, model=None) -> None:
+    """k <= the model's visual tokens and --layers within its decoder layers, read from the
+    checkpoint's configs when no model is loaded yet, so bad flags are refused before any
+    model work."""
     if model is not None:
         check_tokens(config.tokens, model.num_patches)
+        resolve_layers(config.layers, model.num_layers)
         return
-    from vtkit.model import checkpoint_num_patches
+    from vtkit.model import checkpoint_num_layers, checkpoint_num_patches
 
     check_tokens(config.tokens, checkpoint_num_patches(config.model_path))
+    num_layers = checkpoint_num_layers(config.model_path)
+    if num_layers is not None:
+        resolve_layers(config.layers, num_layers)
 
 
 @dataclass
@@ -188,6 +244,13 @@ class _Run:
     answer_key: str               # :func:`answer_key_digest` of the selected questions
     final: Path                   # <output_dir>/sweep.h5
     model_name: str               # the checkpoint's name: ``model_id`` in sweep.h5 and answers
+    layers: list[int]             # the analysed decoder layers, ascending
+    captures: list[str]           # the captured tensors, in CAPTURES order
+
+    @property
+    def slots(self) -> list[tuple[str, int]]:
+        """Every (capture, layer) whose visual rows the sweep analyses."""
+        return [(c, layer) for c in self.captures for layer in self.layers]
 
     @property
     def image_items(self) -> list[PreparedItem]:
@@ -210,7 +273,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     timer = timer or NullTimer()
     started = time.perf_counter()
     config.validate()
-    check_tokens_fit(config, model)
+    check_model_fit(config, model)
     workers = init_workers(config.device)
     output_dir = Path(config.output_dir)
     selection = select_questions(config.base_dir, config.question_file, config.image_folder,
@@ -219,7 +282,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     random_init = bool(model.identity.get("random_init"))
     run = _resolve(config, model, selection)
     store = cache.start_parts(run.final, output_dir / SWEEP_PARTS_DIR, run.inputs, config.force,
-                              workers)
+                              workers, cache.SWEEP_SCHEMA_VERSION)
     if store is None:
         results = _confirm_complete(run, workers, reporter)
         _report(results, reporter)
@@ -244,7 +307,7 @@ def _ready_model(config: SweepConfig, model, workers, reporter: Reporter):
 
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
                            dtype=config.dtype, device=workers.device(config.device))
-        check_tokens(config.tokens, model.num_patches)
+        check_model_fit(config, model)
     if config.compile:
         model.compile_decoder()
     if model.identity.get("random_init"):
@@ -264,7 +327,9 @@ def _resolve(config: SweepConfig, model, selection: Selection) -> _Run:
     answer_key = answer_key_digest(selection.problems, items)
     model_name = config.model_id or Path(str(config.model_path).rstrip("/")).name
     return _Run(config, model, items, selection.problems, extract_attrs, inputs, answer_key,
-                output_dir / SWEEP_FILE, model_name)
+                output_dir / SWEEP_FILE, model_name, resolve_layers(config.layers,
+                                                                    model.num_layers),
+                check_captures(config.captures))
 
 
 def _load_extract_cache(path: Path, image_items: list[PreparedItem], model) -> dict:
@@ -279,10 +344,10 @@ def _load_extract_cache(path: Path, image_items: list[PreparedItem], model) -> d
         attrs = cache.read_attrs(path)
     except DataError as error:
         raise DataError(f"{error}; re-run `vtkit extract --force`") from None
-    if attrs.get("schema_version") != cache.SCHEMA_VERSION:
+    if attrs.get("schema_version") != cache.FEATURES_SCHEMA_VERSION:
         raise CacheMismatchError(f"{path} has schema version {attrs.get('schema_version')}, "
-                                 f"this vtkit reads version {cache.SCHEMA_VERSION}: re-run "
-                                 f"`vtkit extract --force`")
+                                 f"this vtkit reads version {cache.FEATURES_SCHEMA_VERSION}: "
+                                 f"re-run `vtkit extract --force`")
     if not attrs.get("complete"):
         raise DataError(f"{path} is incomplete: finish `vtkit extract` first")
     inputs = cache.stored_inputs(attrs)
@@ -330,12 +395,12 @@ def _compute(run: _Run, store: cache.PartStore, workers, reporter: Reporter,
     """Sweep what the parts lack on every process, merge on rank 0: (results, prefill tokens)."""
     config, model = run.config, run.model
     done = _stored_rows(store, reporter)
-    budget = config.token_budget or default_token_budget(model)
+    budget = config.token_budget or default_token_budget(model, len(run.slots))
     image_items, text_items = run.image_items, run.text_items
     keep = {it.index for it in image_items[:max(config.keep_attention, 0)]}
     computing = time.perf_counter()
     tokens_done = _execute(model, config, store, workers.share(image_items),
-                           workers.share(text_items), done, budget, keep,
+                           workers.share(text_items), done, budget, keep, run.captures, run.layers,
                            Path(config.output_dir) / FEATURES_FILE, reporter, timer)
     workers.barrier()
     if workers.is_main:
@@ -396,17 +461,66 @@ class _PartWriter:
             self.pool.shutdown(wait=True)
 
 
+class _PinnedBuffers:
+    """Pinned host buffers for the Gram matrices' copies, reused from batch to batch: a buffer
+    returns once its batch's eigenvalues are computed (pinning memory is slow, and allocating
+    it per batch would stall the GPU stream). At most ``limit`` idle buffers are kept."""
+
+    def __init__(self, limit: int) -> None:
+        self.idle: list[torch.Tensor] = []
+        self.limit = max(1, limit)
+        self.lock = threading.Lock()
+
+    def take(self, numel: int) -> torch.Tensor:
+        with self.lock:
+            # Positions, not tensors: a list's remove() would compare tensors elementwise.
+            fitting = [i for i, b in enumerate(self.idle) if b.numel() >= numel]
+            if fitting:
+                return self.idle.pop(min(fitting, key=lambda i: self.idle[i].numel()))
+        # Rounded up, so that batches of slightly different shapes share buffers.
+        return torch.empty(1 << max(numel - 1, 1).bit_length(), dtype=torch.float64,
+                           pin_memory=True)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self.lock:
+            self.idle.append(buffer)
+            if len(self.idle) > self.limit:
+                self.idle.pop(min(range(len(self.idle)), key=lambda i: self.idle[i].numel()))
+
+
+@dataclass
+class _HostGrams:
+    """One batch's Gram matrices in host memory, by (capture, layer); on CUDA, in one pinned
+    buffer whose copy ``ready`` marks as landed, returned to ``pool`` once read."""
+
+    grams: dict
+    ready: object = None
+    buffer: torch.Tensor | None = None
+    pool: _PinnedBuffers | None = None
+
+    def arrays(self) -> dict:
+        if self.ready is not None:
+            self.ready.synchronize()    # the copy to pinned host memory has landed
+        return {slot: g.numpy() for slot, g in self.grams.items()}
+
+    def release(self) -> None:
+        if self.pool is not None and self.buffer is not None:
+            self.pool.give(self.buffer)
+            self.buffer = None
+
+
 def _finish_image_batch(store, name: str, index: np.ndarray, ks: list[int], answers: list[str],
-                        grams: list, ready, hidden: int, kept: dict) -> None:
-    """Write one image batch's part: answers, the spectra of its Gram matrices, kept rows."""
-    if ready is not None:
-        ready.synchronize()    # the Gram matrices' copy to pinned host memory has landed
-    grams = [g.numpy() for g in grams]
-    spectrum_lengths = [min(k, hidden) for k in ks]
+                        grams: _HostGrams, widths: dict, kept: dict) -> None:
+    """Write one image batch's part: answers, the spectra of its Gram matrices (by capture and
+    layer, each question's min(k, d) values end to end), kept rows."""
     arrays = {"question_index": index, "k": np.asarray(ks, dtype=np.int32), "answers": answers}
-    for slot, layer in enumerate(LAYERS):
-        arrays[f"spectra/{layer}"] = np.concatenate(spectra_from_gram(grams[slot],
-                                                                      spectrum_lengths))
+    try:
+        for slot, gram in grams.arrays().items():
+            lengths = [min(k, widths[slot]) for k in ks]
+            arrays[f"spectra/{cache.slot_name(*slot)}"] = np.concatenate(
+                spectra_from_gram(gram, lengths))
+    finally:
+        grams.release()
     arrays.update(kept)
     store.write(name, arrays)
 
@@ -425,9 +539,10 @@ class _BatchRunner:
     config: SweepConfig
     store: cache.PartStore
     writer: _PartWriter
-    capture: AttentionCapture
+    capture: ActivationCapture
     keep: set[int]                # questions whose raw attention rows are kept
     timer: PhaseTimer | NullTimer
+    pinned: _PinnedBuffers | None = None
 
     def text(self, batch: list[tuple[PreparedItem, int]]) -> int:
         """A batch of text-only questions (k = 0); returns its prefill tokens."""
@@ -449,11 +564,11 @@ class _BatchRunner:
         answers, captured, n = run_batch(self.model, items, visual, self.config, self.capture,
                                          ks, self.timer)
         with self.timer.phase("spectra"):
-            grams, ready = _grams_to_host(captured)
+            grams = _grams_to_host(captured, self.pinned)
             kept = _kept_attention(items, ks, captured, self.keep)
         index = np.asarray([it.index for it in items], dtype=np.int64)
         self.writer.submit(_finish_image_batch, self.store, _image_part_name(index, ks), index,
-                           ks, answers, grams, ready, self.model.hidden_size, kept)
+                           ks, answers, grams, self.capture.widths, kept)
         return n
 
 
@@ -497,8 +612,8 @@ def _plan(chunks: list[list[PreparedItem]], text_items: list[PreparedItem],
     return plan, text_batches
 
 
-def _execute(model, config, store, image_items, text_items, done, budget, keep,
-             features_path, reporter, timer) -> int:
+def _execute(model, config, store, image_items, text_items, done, budget, keep, captures,
+             layers, features_path, reporter, timer) -> int:
     """Plan the remaining (question, k) work and run it, writing one part per batch.
 
     Questions go in chunks whose projected features stay on the device for the whole grid, so
@@ -513,8 +628,9 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
         return 0
     # On GPU runs the eigenvalues are computed by CPU threads, one BLAS thread each.
     workers = max(1, min(12, (os.cpu_count() or 2) - 2)) if model.device.type == "cuda" else 0
-    runner = _BatchRunner(model, config, store, _PartWriter(workers), AttentionCapture(model),
-                          keep, timer)
+    writer = _PartWriter(workers)
+    runner = _BatchRunner(model, config, store, writer, ActivationCapture(model, captures, layers),
+                          keep, timer, _PinnedBuffers(writer.limit + 1))
     limits = threadpool_limits(limits=1, user_api="blas") if workers else nullcontext()
     tokens_done = 0
     try:
@@ -546,21 +662,26 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep,
     return tokens_done
 
 
-def _grams_to_host(captured: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
-    """Gram matrices of the captured rows, copied to host memory without stalling the GPU.
+def _grams_to_host(captured: dict, pinned: _PinnedBuffers | None) -> _HostGrams:
+    """Float64 Gram matrices of each slot's captured rows, copied to host memory without
+    stalling the GPU.
 
-    On CUDA the copy goes to pinned memory asynchronously; the returned event tells the CPU
-    worker when it has landed. On the CPU the tensors are simply returned.
+    On CUDA they go, asynchronously, into one pinned buffer of ``pinned`` (every slot's in a
+    slice of it); the recorded event tells the CPU worker when the copy has landed. On the CPU
+    the tensors are simply returned.
     """
-    grams = [gram_matrices(c) for c in captured]
-    if grams[0].device.type != "cuda":
-        return grams, None
-    host = [torch.empty(g.shape, dtype=g.dtype, pin_memory=True) for g in grams]
-    for h, g in zip(host, grams, strict=True):
-        h.copy_(g, non_blocking=True)
+    grams = {slot: gram_matrices(rows) for slot, rows in captured.items()}
+    if next(iter(grams.values())).device.type != "cuda" or pinned is None:
+        return _HostGrams(grams)
+    buffer = pinned.take(sum(g.numel() for g in grams.values()))
+    host, offset = {}, 0
+    for slot, g in grams.items():
+        host[slot] = buffer[offset:offset + g.numel()].view(g.shape)
+        host[slot].copy_(g, non_blocking=True)
+        offset += g.numel()
     ready = torch.cuda.Event()
     ready.record()
-    return host, ready
+    return _HostGrams(host, ready, buffer, pinned)
 
 
 def _select(projected: torch.Tensor, scores: torch.Tensor, rows: list[int],
@@ -576,16 +697,16 @@ def _select(projected: torch.Tensor, scores: torch.Tensor, rows: list[int],
     return visual
 
 
-def _kept_attention(items, ks, captured, keep: set[int]) -> dict:
-    """Raw attention rows (float16) of the questions whose matrices are kept."""
+def _kept_attention(items, ks, captured: dict, keep: set[int]) -> dict:
+    """Raw captured rows (float16) of the questions whose matrices are kept, by slot."""
     rows = [j for j, it in enumerate(items) if it.index in keep]
     if not rows:
         return {}
     kept = {"attention/index": np.asarray([items[j].index for j in rows], dtype=np.int64),
             "attention/k": np.asarray([ks[j] for j in rows], dtype=np.int32)}
-    for slot, layer in enumerate(LAYERS):
-        kept[f"attention/{layer}"] = torch.cat(
-            [captured[slot][j, :ks[j]] for j in rows]).to(torch.float16).cpu().numpy()
+    for slot, block in captured.items():
+        kept[f"attention/{cache.slot_name(*slot)}"] = torch.cat(
+            [block[j, :ks[j]] for j in rows]).to(torch.float16).cpu().numpy()
     return kept
 
 
@@ -614,15 +735,17 @@ def _merge(store: cache.PartStore, run: _Run) -> list[KResult]:
 
 
 def _gather(store: cache.PartStore, run: _Run) -> tuple[np.ndarray, dict, dict]:
-    """Every part's rows in their places: answers [n_k, n_q], and by layer and k the spectra
-    [n_img, min(k, d)] and kept attention [n_keep, k, d]. A missing (question, k) is an error."""
+    """Every part's rows in their places: answers [n_k, n_q], and by (capture, layer) and k the
+    spectra [n_img, min(k, d)] and kept rows [n_keep, k, d]. A missing (question, k) is an
+    error."""
     config, image_items = run.config, run.image_items
     k_row = {k: i for i, k in enumerate(config.tokens)}
     img_row = {it.index: j for j, it in enumerate(image_items)}
     keep_row = {it.index: j for j, it in enumerate(image_items[:max(config.keep_attention, 0)])}
     answers = np.full((len(config.tokens), len(run.items)), None, dtype=object)
-    spectra: dict[str, dict] = {layer: {} for layer in LAYERS}
-    attention: dict[str, dict] = {layer: {} for layer in LAYERS}
+    widths = slot_widths(run.model, run.slots)
+    spectra: dict[tuple, dict] = {slot: {} for slot in run.slots}
+    attention: dict[tuple, dict] = {slot: {} for slot in run.slots}
     for part in store.parts():
         with h5py.File(part, "r") as f:
             index, ks = f["question_index"][:], f["k"][:]
@@ -631,7 +754,7 @@ def _gather(store: cache.PartStore, run: _Run) -> tuple[np.ndarray, dict, dict]:
                 for q, t in zip(index, text, strict=True):
                     answers[:, q] = t
                 continue
-            _gather_spectra(f, index, ks, int(run.model.hidden_size), img_row, spectra)
+            _gather_spectra(f, index, ks, widths, img_row, spectra)
             for r, (q, k) in enumerate(zip(index, ks, strict=True)):
                 answers[k_row[int(k)], q] = text[r]
             if "attention/index" in f:
@@ -643,28 +766,28 @@ def _gather(store: cache.PartStore, run: _Run) -> tuple[np.ndarray, dict, dict]:
     return answers, spectra, attention
 
 
-def _gather_spectra(part: h5py.File, index: np.ndarray, ks: np.ndarray, hidden: int,
-                    img_row: dict[int, int], spectra: dict[str, dict]) -> None:
-    """Add one part's spectra (stored end to end) to ``spectra[layer][k]``."""
-    spectrum_lengths = np.minimum(ks, hidden)
-    starts = np.concatenate([[0], np.cumsum(spectrum_lengths)])
-    for layer in LAYERS:
-        flat = part[f"spectra/{layer}"][:]
+def _gather_spectra(part: h5py.File, index: np.ndarray, ks: np.ndarray, widths: dict,
+                    img_row: dict[int, int], spectra: dict[tuple, dict]) -> None:
+    """Add one part's spectra (stored end to end) to ``spectra[(capture, layer)][k]``."""
+    for slot, by_k in spectra.items():
+        spectrum_lengths = np.minimum(ks, widths[slot])
+        starts = np.concatenate([[0], np.cumsum(spectrum_lengths)])
+        flat = part[f"spectra/{cache.slot_name(*slot)}"][:]
         for r, (q, k) in enumerate(zip(index, ks, strict=True)):
-            block = spectra[layer].setdefault(
+            block = by_k.setdefault(
                 int(k), np.zeros((len(img_row), spectrum_lengths[r]), np.float32))
             block[img_row[q]] = flat[starts[r]:starts[r + 1]]
 
 
 def _gather_attention(part: h5py.File, keep_row: dict[int, int],
-                      attention: dict[str, dict]) -> None:
-    """Add one part's kept attention rows (stored end to end) to ``attention[layer][k]``."""
+                      attention: dict[tuple, dict]) -> None:
+    """Add one part's kept rows (stored end to end) to ``attention[(capture, layer)][k]``."""
     kept_k = part["attention/k"][:]
     offsets = np.concatenate([[0], np.cumsum(kept_k)])
-    for layer in LAYERS:
-        flat = part[f"attention/{layer}"][:]
+    for slot, by_k in attention.items():
+        flat = part[f"attention/{cache.slot_name(*slot)}"][:]
         for r, (q, k) in enumerate(zip(part["attention/index"][:], kept_k, strict=True)):
-            block = attention[layer].setdefault(
+            block = by_k.setdefault(
                 int(k), np.zeros((len(keep_row), k, flat.shape[1]), np.float16))
             block[keep_row[q]] = flat[offsets[r]:offsets[r + 1]]
 
@@ -701,13 +824,13 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "correct": correct,
         "answers": answers,
     }
-    for layer in LAYERS:
-        for k, block in spectra[layer].items():
-            arrays[cache.spectra_dataset(layer, k)] = block
-        for k, block in attention[layer].items():
-            arrays[cache.attention_dataset(layer, k)] = block
+    for capture, layer in run.slots:
+        for k, block in spectra[(capture, layer)].items():
+            arrays[cache.spectra_dataset(capture, layer, k)] = block
+        for k, block in attention[(capture, layer)].items():
+            arrays[cache.attention_dataset(capture, layer, k)] = block
     attrs = cache.base_attrs({**config.to_dict(), "decode": decode_settings(config, model)},
-                             run.inputs)
+                             run.inputs, cache.SWEEP_SCHEMA_VERSION)
     attrs.update({
         "answer_key": run.answer_key,
         "checkpoint_dir": str(model.identity.get("checkpoint_dir")),
@@ -715,7 +838,9 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "model_id": run.model_name,
         "scorer": config.scorer,
         "random_init": bool(model.identity.get("random_init")),
-        "layers": np.asarray([0, model.num_layers - 1], dtype=np.int64),
+        "layers": np.asarray(run.layers, dtype=np.int64),
+        "num_layers": int(model.num_layers),
+        "captures": json.dumps(run.captures),
         "hidden_size": int(model.hidden_size),
         "complete": True,
     })
@@ -734,7 +859,7 @@ def sweep_inputs(config: SweepConfig, model, items: list[PreparedItem],
     decode = decode_settings(config, model)
     prompts = [[it.question.question_id, it.prompt, it.prefix, it.suffix] for it in items]
     return {
-        "schema_version": cache.SCHEMA_VERSION,
+        "schema_version": cache.SWEEP_SCHEMA_VERSION,
         "extract_fingerprint": extract_attrs.get("fingerprint"),
         "model": model_key(model.identity),
         "tokenizer": model.identity.get("tokenizer_sha256"),
@@ -751,6 +876,8 @@ def sweep_inputs(config: SweepConfig, model, items: list[PreparedItem],
         "seed": config.seed,
         "max_new_tokens": decode["max_new_tokens"],
         "keep_attention": config.keep_attention,
+        "layers": resolve_layers(config.layers, model.num_layers),
+        "captures": check_captures(config.captures),
     }
 
 

@@ -9,14 +9,17 @@ import typer
 
 from vtkit.cli.options import (
     BatchSizeOpt,
+    CaptureOpt,
     CompileOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    LayersOpt,
     MaxNewTokensOpt,
     TokenBudgetOpt,
     TokensOpt,
     resolve_tokens,
+    split_captures,
 )
 from vtkit.cli.output import print_json
 from vtkit.defaults import (
@@ -25,7 +28,9 @@ from vtkit.defaults import (
     DEFAULT_BENCH_QUESTIONS,
     DEFAULT_BENCH_SEED_QUESTIONS,
     DEFAULT_BENCH_SHAPE,
+    DEFAULT_CAPTURE,
     DEFAULT_DEVICE,
+    DEFAULT_LAYERS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_TOKENS,
     DEFAULT_STEP,
@@ -50,6 +55,8 @@ def bench(
     max_new_tokens: MaxNewTokensOpt = DEFAULT_BENCH_MAX_NEW_TOKENS,
     seed_questions: SeedQuestionsOpt = DEFAULT_BENCH_SEED_QUESTIONS,
     compile_decoder: CompileOpt = False,
+    layers: LayersOpt = DEFAULT_LAYERS,
+    capture: CaptureOpt = DEFAULT_CAPTURE,
     output_dir: BenchDirOpt = DEFAULT_BENCH_DIR,
     json_output: JsonOpt = False,
 ) -> None:
@@ -59,7 +66,10 @@ def bench(
     image questions whose lengths follow the real ScienceQA test set, runs extract and the sweep
     exactly as `vtkit sweep` does, and compares with a seed-style loop (batch 1, vision per k).
 
+    --layers all measures the cost of capturing every decoder layer.
+
     Example: vtkit bench --shape llava-1.5-7b --questions 256 --device cuda --dtype bfloat16
+    --layers all
     """
     from vtkit.bench import BenchConfig, run_bench
     from vtkit.cli.progress import RichReporter
@@ -69,7 +79,8 @@ def bench(
         tokens=resolve_tokens(DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_STEP, tokens),
         device=device, dtype=dtype,
         batch_size=batch_size, token_budget=token_budget, max_new_tokens=max_new_tokens,
-        seed_questions=seed_questions, compile=compile_decoder, output_dir=output_dir)
+        seed_questions=seed_questions, compile=compile_decoder, layers=layers,
+        captures=split_captures(capture), output_dir=output_dir)
     result = run_bench(config, RichReporter())
     if json_output:
         print_json(result)

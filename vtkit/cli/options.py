@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from vtkit.defaults import DEVICES, DTYPES, IMAGE_MODES, SCORERS
+from vtkit.defaults import CAPTURES, DEVICES, DTYPES, IMAGE_MODES, SCORERS
 from vtkit.errors import UsageError
 from vtkit.prompts import CONV_TEMPLATES
 
@@ -102,12 +102,28 @@ TokensOpt = Annotated[str | None, typer.Option(
     help="Explicit comma-separated k values, e.g. 576,192,128,64 (overrides the grid).")]
 KeepAttentionOpt = Annotated[int, typer.Option(
     "--keep-attention", min=0,
-    help="Also store the raw k x d attention outputs of the first N image questions.")]
+    help="Also store the raw k x d captured rows (every --capture and --layers) of the first N "
+         "image questions.")]
+LayersOpt = Annotated[str, typer.Option(
+    "--layers",
+    help="Decoder layers whose visual rows are analysed, all in the same prefill: first,last "
+         "(the seed's two), all, or comma-separated layer indices (negative from the end; "
+         "first/last may be mixed in), e.g. 0,2,-1.")]
+CaptureOpt = Annotated[str, typer.Option(
+    "--capture",
+    help=f"Tensor(s) whose visual rows are analysed, comma-separated, of: {', '.join(CAPTURES)} "
+         f"(attn_out: self-attention output after o_proj; attn_heads: o_proj's input, the "
+         f"concatenated heads; hidden: the decoder layer's output).")]
 TokenBudgetOpt = Annotated[int | None, typer.Option(
     "--token-budget", min=1, help="Prefill tokens per forward (default: from free GPU memory).")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the decoder's MLP and norms for prefill throughput (the "
                       "first batches compile).")]
+
+
+def split_captures(text: str) -> list[str]:
+    """The --capture names as given (comma-separated); the sweep checks and orders them."""
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def resolve_tokens(min_tokens: int, max_tokens: int, step: int, tokens: str | None) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from vtkit.cli.options import (
     BaseDirOpt,
     BatchSizeOpt,
+    CaptureOpt,
     CompileOpt,
     ConvModeOpt,
     DeviceOpt,
@@ -14,6 +15,7 @@ from vtkit.cli.options import (
     ImageModeOpt,
     JsonOpt,
     KeepAttentionOpt,
+    LayersOpt,
     MaxNewTokensOpt,
     MaxOpt,
     MinOpt,
@@ -33,13 +35,16 @@ from vtkit.cli.options import (
     TokenBudgetOpt,
     TokensOpt,
     resolve_tokens,
+    split_captures,
 )
 from vtkit.cli.output import print_json, rank_json
 from vtkit.defaults import (
     DEFAULT_BASE_DIR,
+    DEFAULT_CAPTURE,
     DEFAULT_CONV_MODE,
     DEFAULT_DEVICE,
     DEFAULT_KEEP_ATTENTION,
+    DEFAULT_LAYERS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_TOKENS,
@@ -79,6 +84,8 @@ def run(
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
     keep_attention: KeepAttentionOpt = DEFAULT_KEEP_ATTENTION,
+    layers: LayersOpt = DEFAULT_LAYERS,
+    capture: CaptureOpt = DEFAULT_CAPTURE,
     compile_decoder: CompileOpt = False,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     dtype: DtypeOpt = None,
@@ -112,7 +119,8 @@ def run(
         **common, tokens=resolve_tokens(min_tokens, max_tokens, step, tokens), scorer=scorer,
         conv_mode=conv_mode, single_pred_prompt=single_pred_prompt, temperature=temperature,
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        token_budget=token_budget, keep_attention=keep_attention, compile=compile_decoder)
+        token_budget=token_budget, keep_attention=keep_attention, layers=layers,
+        captures=split_captures(capture), compile=compile_decoder)
     rank_config = RankConfig(output_dir=output_dir, threshold=threshold)
     result = run_pipeline(extract_config, sweep_config, rank_config,
                           PlotConfig(output_dir=output_dir), reporter=stage_reporter())

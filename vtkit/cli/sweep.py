@@ -5,6 +5,7 @@ from __future__ import annotations
 from vtkit.cli.options import (
     BaseDirOpt,
     BatchSizeOpt,
+    CaptureOpt,
     CompileOpt,
     ConvModeOpt,
     DeviceOpt,
@@ -13,6 +14,7 @@ from vtkit.cli.options import (
     ImageFolderOpt,
     JsonOpt,
     KeepAttentionOpt,
+    LayersOpt,
     MaxNewTokensOpt,
     MaxOpt,
     MinOpt,
@@ -31,13 +33,16 @@ from vtkit.cli.options import (
     TokenBudgetOpt,
     TokensOpt,
     resolve_tokens,
+    split_captures,
 )
 from vtkit.cli.output import print_stage_json
 from vtkit.defaults import (
     DEFAULT_BASE_DIR,
+    DEFAULT_CAPTURE,
     DEFAULT_CONV_MODE,
     DEFAULT_DEVICE,
     DEFAULT_KEEP_ATTENTION,
+    DEFAULT_LAYERS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_TOKENS,
@@ -75,6 +80,8 @@ def sweep(
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
     keep_attention: KeepAttentionOpt = DEFAULT_KEEP_ATTENTION,
+    layers: LayersOpt = DEFAULT_LAYERS,
+    capture: CaptureOpt = DEFAULT_CAPTURE,
     compile_decoder: CompileOpt = False,
     dtype: DtypeOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
@@ -88,8 +95,11 @@ def sweep(
     OUTPUT_DIR/answers/k{K}.jsonl (LLaVA's answer format). A killed run resumes from its last
     finished batch. --json prints the per-k accuracies as one JSON document on stdout.
 
+    --layers picks the decoder layers (first,last; all; or indices) and --capture the tensors
+    (attn_out, attn_heads, hidden; comma-separated) whose visual rows' spectra are stored.
+
     Example: vtkit sweep --model-path demo/llava-tiny-hf --base-dir demo/scienceqa
-    --min 20 --max 576 --step 10
+    --min 20 --max 576 --step 10 --layers all --capture attn_out,hidden
     """
     from vtkit.cli.progress import stage_reporter
     from vtkit.sweep import SweepConfig
@@ -102,7 +112,8 @@ def sweep(
         tokens=resolve_tokens(min_tokens, max_tokens, step, tokens), scorer=scorer,
         conv_mode=conv_mode, single_pred_prompt=single_pred_prompt, temperature=temperature,
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        token_budget=token_budget, keep_attention=keep_attention, compile=compile_decoder,
+        token_budget=token_budget, keep_attention=keep_attention, layers=layers,
+        captures=split_captures(capture), compile=compile_decoder,
         dtype=dtype, device=device,
         random_init=random_init, force=force,
     )
