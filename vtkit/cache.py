@@ -46,6 +46,10 @@ from vtkit.errors import (
 #: 2: features.h5 holds each image's sha256 (not its size and mtime); the fingerprints compare
 #: models by weights, not by path; sweep.h5 carries the answer key's hash.
 SCHEMA_VERSION = 2
+#: One schema version per file. features.h5 stays at 2; sweep.h5 3 is the layer-indexed layout
+#: (``spectra/<capture>/layer<L>/k<K>``), one group per analysed tensor and decoder layer.
+FEATURES_SCHEMA_VERSION = 2
+SWEEP_SCHEMA_VERSION = 3
 #: What survives a failed write of a stage, for its error message.
 PARTS_KEPT = "finished parts are kept"
 STRING = h5py.string_dtype("utf-8")
@@ -69,27 +73,34 @@ RESULTS_FIGURE = FIGURE_PREFIX + "results"
 RAW_FIGURE = FIGURE_PREFIX + "raw"
 COMPARE_FIGURE = FIGURE_PREFIX + "compare"
 FIGURE_FORMATS = ("png", "pdf")
-#: The two decoder layers whose attention outputs the sweep captures, as named in sweep.h5
-#: (``spectra/first_layer/k20``) and in ranks.json and the results files.
+#: The seed's two rank curves, as named in ranks.json, the results files and the seed's figure:
+#: the smallest and the largest analysed decoder layer of the primary capture.
 LAYERS = ("first_layer", "last_layer")
 _K_PREFIX = "k"
 _ANSWERS_SUFFIX = ".jsonl"
 
 
 def k_name(k: int) -> str:
-    """The name of one k of the grid, in sweep.h5 (``spectra/first_layer/k20``) and in the
+    """The name of one k of the grid, in sweep.h5 (``spectra/attn_out/layer0/k20``) and in the
     answer files (``answers/k20.jsonl``)."""
     return f"{_K_PREFIX}{int(k)}"
 
 
-def spectra_dataset(layer: str, k: int) -> str:
-    """sweep.h5's dataset of the singular values of one layer's k visual rows."""
-    return f"spectra/{layer}/{k_name(k)}"
+def layer_name(layer: int) -> str:
+    """The name of one decoder layer in sweep.h5 (``layer0``, ``layer31``)."""
+    return f"layer{int(layer)}"
 
 
-def attention_dataset(layer: str, k: int) -> str:
-    """sweep.h5's dataset of the raw attention rows kept of one layer at one k."""
-    return f"attention/{layer}/{k_name(k)}"
+def spectra_dataset(capture: str, layer: int, k: int) -> str:
+    """sweep.h5's dataset of the singular values of one tensor's k visual rows at one decoder
+    layer: [n_img, min(k, d)] float32, descending."""
+    return f"spectra/{capture}/{layer_name(layer)}/{k_name(k)}"
+
+
+def attention_dataset(capture: str, layer: int, k: int) -> str:
+    """sweep.h5's dataset of the raw rows kept of one tensor at one decoder layer and one k:
+    [n_keep, k, d] float16."""
+    return f"attention/{capture}/{layer_name(layer)}/{k_name(k)}"
 
 
 def answers_file(k: int) -> str:
