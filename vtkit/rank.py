@@ -523,7 +523,8 @@ def _measure_layer(handle: h5py.File, capture: str, layer: int, token_counts: li
     names = [numerical_rank_measure(t) for t in thresholds] + [EFFECTIVE_RANK, STABLE_RANK]
     blocks = {name: np.empty((len(token_counts), n_img)) for name in names}
     for i, k in enumerate(token_counts):
-        spectra = _read_spectra(handle, capture, layer, k, n_img)
+        # float64 once, not once per measure.
+        spectra = _read_spectra(handle, capture, layer, k, n_img).astype(np.float64)
         for threshold in thresholds:
             blocks[numerical_rank_measure(threshold)][i] = numerical_ranks(spectra, threshold)
         blocks[EFFECTIVE_RANK][i] = effective_ranks(spectra)

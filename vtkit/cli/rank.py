@@ -12,7 +12,7 @@ from vtkit.defaults import DEFAULT_OUTPUT_DIR, DEFAULT_THRESHOLD
 
 #: rank's --threshold takes several values (vtkit run's takes one: cli/options.py ThresholdOpt).
 ThresholdsOpt = Annotated[str, typer.Option(
-    "--threshold",
+    "--threshold", metavar="<t[,t...]>",
     help="Count singular values above this fraction of the largest (in (0, 1)); several, "
          "comma-separated, are all reported and the first is the headline one. The default "
          "sits above float16 rounding noise; bfloat16 runs warn below 2.4e-3 (docs/rank.md).")]
@@ -20,7 +20,8 @@ ThresholdsOpt = Annotated[str, typer.Option(
 
 def rank(
     output_dir: OutputDirOpt = DEFAULT_OUTPUT_DIR,
-    threshold: ThresholdsOpt = f"{DEFAULT_THRESHOLD:g}",
+    # A number as the default (click passes it on as text), so --help and RankConfig agree.
+    threshold: ThresholdsOpt = DEFAULT_THRESHOLD,
     json_output: JsonOpt = False,
 ) -> None:
     """Rank measures of the visual tokens' rows at every analysed layer and tensor, from sweep.h5.
