@@ -1,4 +1,4 @@
-"""`vtkit rank`: rank definitions, ranks.json, the spectra check and the CLI."""
+"""`vtkit rank`: rank measures, ranks.json, the spectra check and the CLI."""
 
 from __future__ import annotations
 
@@ -10,18 +10,25 @@ import pytest
 from sweepfile import TOKEN_COUNTS, write_sweep
 from typer.testing import CliRunner
 
+from vtkit.cache import spectra_dataset
 from vtkit.cli.main import app
 from vtkit.errors import DataError
 from vtkit.progress import RecordingReporter
 from vtkit.rank import (
     RankConfig,
+    bootstrap_interval,
+    bootstrap_weights,
     compute_ranks,
+    correctness_table,
+    dtype_warnings,
     effective_rank,
     effective_ranks,
     numerical_rank,
     numerical_ranks,
     singular_values_float64,
     spectra_difference,
+    stable_rank,
+    stable_ranks,
 )
 
 runner = CliRunner()
@@ -124,7 +131,7 @@ def test_threshold_changes_ranks_without_new_sweep(tmp_path):
 def test_spectra_check_catches_a_tampered_spectrum(tmp_path):
     path = write_sweep(tmp_path)
     with h5py.File(path, "r+") as f:
-        spectra = f["spectra/last_layer/k40"]
+        spectra = f["spectra/attn_out/layer3/k40"]
         values = spectra[()]
         values[1, 0] *= 1.5
         spectra[...] = values
@@ -150,8 +157,8 @@ def test_missing_incomplete_or_broken_sweep(tmp_path):
         compute_ranks(RankConfig(tmp_path))
     path = write_sweep(tmp_path)
     with h5py.File(path, "r+") as f:
-        del f["spectra/first_layer/k300"]
-    with pytest.raises(DataError, match="spectra/first_layer/k300"):
+        del f["spectra/attn_out/layer0/k300"]
+    with pytest.raises(DataError, match="spectra/attn_out/layer0/k300"):
         compute_ranks(RankConfig(tmp_path))
     write_sweep(tmp_path, n_image=0, n_keep=0)
     with pytest.raises(DataError, match="no image questions"):
@@ -203,3 +210,296 @@ def test_float64_spectra_match_numpy_svd(shape):
     values = singular_values_float64(matrices)
     assert values.shape == exact.shape
     np.testing.assert_allclose(values, exact, rtol=0, atol=1e-7 * exact.max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Every layer and tensor, several measures (sweep.h5 schema 3)
+
+
+def _set_spectra(path, capture, layer, rows):
+    """Replace every k's spectra of (capture, layer) with ``rows`` ([n_img, m], zero-padded or
+    cut to each dataset's width)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    with h5py.File(path, "r+") as f:
+        for k in f["token_counts"][()]:
+            dataset = f[spectra_dataset(capture, layer, int(k))]
+            values = np.zeros(dataset.shape, dtype=np.float32)
+            width = min(values.shape[1], rows.shape[1])
+            values[:, :width] = rows[:, :width]
+            dataset[...] = values
+
+
+def test_stable_rank_of_known_spectra():
+    assert stable_rank(np.array([2.0, 1.0, 1.0])) == pytest.approx(6 / 4)
+    assert stable_rank(np.ones(9)) == pytest.approx(9.0)
+    assert stable_rank(np.array([3.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert stable_rank(np.zeros(3)) == 0.0
+    rng = np.random.default_rng(5)
+    spectra = np.sort(np.abs(rng.standard_normal((10, 12))), axis=1)[:, ::-1]
+    np.testing.assert_allclose(stable_ranks(spectra), [stable_rank(s) for s in spectra])
+    # Never above the rank, never below 1 for a non-zero spectrum.
+    assert ((stable_ranks(spectra) >= 1) & (stable_ranks(spectra) <= 12)).all()
+
+
+def test_numerical_rank_at_several_thresholds(tmp_path):
+    """A hand-built spectrum 1, 0.05, 0.005, 0.0005: rank 1, 2, 3, 4 at 1e-1 ... 1e-4."""
+    path = write_sweep(tmp_path, n_image=3, n_keep=0)
+    _set_spectra(path, "attn_out", 0, [[1.0, 0.05, 0.005, 0.0005]] * 3)
+    result = compute_ranks(RankConfig(tmp_path, threshold=1e-2,
+                                      more_thresholds=(1e-1, 1e-3, 1e-4)))
+    doc = json.loads(result.path.read_text())
+    assert doc["thresholds"] == [1e-2, 1e-1, 1e-3, 1e-4]
+    assert doc["meta"]["threshold"] == 1e-2
+    block = doc["measures"]["attn_out"]["0"]
+    n_k = len(TOKEN_COUNTS)
+    for name, rank in (("numerical_rank@0.1", 1), ("numerical_rank@0.01", 2),
+                       ("numerical_rank@0.001", 3), ("numerical_rank@0.0001", 4)):
+        assert block[name]["mean"] == [rank] * n_k and block[name]["std"] == [0.0] * n_k
+    assert set(block) == {"numerical_rank@0.1", "numerical_rank@0.01", "numerical_rank@0.001",
+                          "numerical_rank@0.0001", "effective_rank", "stable_rank"}
+    # The headline (first) threshold drives the seed's curves and per_layer.
+    assert doc["first_layer"]["numerical_rank_mean"] == [2.0] * n_k
+    assert doc["per_layer"]["0"]["numerical_rank_mean"] == [2.0] * n_k
+    s = np.array([1.0, 0.05, 0.005, 0.0005])
+    np.testing.assert_allclose(block["stable_rank"]["mean"], (s ** 2).sum(), rtol=1e-6)
+    np.testing.assert_allclose(block["effective_rank"]["mean"], effective_rank(s), rtol=1e-6)
+
+
+def test_equal_spectra_give_effective_and_stable_rank_n(tmp_path):
+    path = write_sweep(tmp_path, n_image=2, n_keep=0, layers=(0, 1, 2), num_layers=3)
+    _set_spectra(path, "attn_out", 1, [[2.0] * 7, [2.0] * 7])
+    block = compute_ranks(RankConfig(tmp_path)).measures["attn_out"][1].summaries
+    np.testing.assert_allclose(block["effective_rank"]["mean"], 7.0, rtol=1e-6)
+    np.testing.assert_allclose(block["stable_rank"]["mean"], 7.0, rtol=1e-6)
+    assert block["numerical_rank@0.001"]["mean"] == [7.0] * len(TOKEN_COUNTS)
+
+
+def test_measures_match_a_per_question_loop(tmp_path):
+    """The vectorised per-(layer, k) blocks against scalar functions, question by question."""
+    path = write_sweep(tmp_path, layers=(0, 1, 2, 3), captures=("attn_out", "hidden"), rank=4)
+    doc = json.loads(compute_ranks(RankConfig(tmp_path, threshold=1e-3,
+                                              more_thresholds=(1e-1,))).path.read_text())
+    with h5py.File(path, "r") as f:
+        for capture in ("attn_out", "hidden"):
+            for layer in range(4):
+                block = doc["measures"][capture][str(layer)]
+                for i, k in enumerate(TOKEN_COUNTS):
+                    spectra = f[spectra_dataset(capture, layer, k)][()]
+                    expected = {
+                        "numerical_rank@0.001": [numerical_rank(s, 1e-3) for s in spectra],
+                        "numerical_rank@0.1": [numerical_rank(s, 1e-1) for s in spectra],
+                        "effective_rank": [effective_rank(s) for s in spectra],
+                        "stable_rank": [stable_rank(s) for s in spectra],
+                    }
+                    for name, values in expected.items():
+                        assert block[name]["mean"][i] == pytest.approx(np.mean(values))
+                        assert block[name]["std"][i] == pytest.approx(np.std(values))
+
+
+def test_bootstrap_interval_contains_the_mean_and_is_seeded():
+    rng = np.random.default_rng(6)
+    values = rng.standard_normal((5, 40)) + np.arange(5)[:, None]
+    weights = bootstrap_weights(40, samples=500, seed=3)
+    low, high = bootstrap_interval(values, weights)
+    mean = values.mean(axis=1)
+    assert ((low < mean) & (mean < high)).all()
+    # About 2 x 1.96 standard errors wide for unit-variance data.
+    np.testing.assert_allclose(high - low, 2 * 1.96 * values.std(axis=1) / np.sqrt(40), rtol=0.3)
+    again = bootstrap_interval(values, bootstrap_weights(40, samples=500, seed=3))
+    other = bootstrap_interval(values, bootstrap_weights(40, samples=500, seed=4))
+    np.testing.assert_array_equal(low, again[0])
+    np.testing.assert_array_equal(high, again[1])
+    assert not np.array_equal(low, other[0])
+    # Each resample draws n items.
+    assert (weights.sum(axis=1) == 40).all()
+
+
+def test_ranks_json_intervals_are_seeded_and_bracket_the_mean(tmp_path):
+    write_sweep(tmp_path, n_image=8, layers=(0, 1, 2, 3))
+    first = json.loads(compute_ranks(RankConfig(tmp_path)).path.read_text())
+    second = json.loads(compute_ranks(RankConfig(tmp_path)).path.read_text())
+    reseeded = json.loads(compute_ranks(RankConfig(tmp_path, seed=9)).path.read_text())
+    assert first["measures"] == second["measures"]
+    assert first["meta"]["bootstrap_seed"] == 0 and reseeded["meta"]["bootstrap_seed"] == 9
+    moved = 0
+    for layer, block in first["measures"]["attn_out"].items():
+        for name, summary in block.items():
+            mean, low, high = (np.array(summary[key]) for key in ("mean", "ci95_low",
+                                                                   "ci95_high"))
+            assert (low <= mean + 1e-12).all() and (mean <= high + 1e-12).all()
+            moved += summary != reseeded["measures"]["attn_out"][layer][name]
+    assert moved  # another seed draws other resamples
+
+
+def test_correctness_table_on_a_hand_built_correct(tmp_path):
+    # Questions 0..3 have images (ranks 1, 2, 3, 4 at every k); 4 and 5 have none.
+    correct = np.array([
+        [True, True, True, True, False, False],    # k=576: all image questions right
+        [True, False, True, False, True, True],    # k=300: right {1, 3}, wrong {2, 4}
+        [False, False, False, True, True, True],   # k=40: right {4}, wrong {1, 2, 3}
+        [False, False, False, False, True, True],  # k=20: all wrong
+    ])
+    path = write_sweep(tmp_path, n_questions=6, n_image=4, n_keep=0, correct=correct)
+    _set_spectra(path, "attn_out", 3, [[1.0] * r + [1e-6] * (5 - r) for r in (1, 2, 3, 4)])
+    doc = json.loads(compute_ranks(RankConfig(tmp_path)).path.read_text())
+    table = doc["correctness"]["attn_out"]["3"]
+    assert table["right_mean"] == [2.5, 2.0, 4.0, None]
+    assert table["wrong_mean"] == [None, 3.0, 2.0, 2.5]
+    assert table["n_right"] == [4, 2, 1, 0] and table["n_wrong"] == [0, 2, 3, 4]
+    assert set(doc["correctness"]["attn_out"]) == {"0", "3"}
+
+
+def test_correctness_table_function():
+    table = correctness_table(np.array([[1.0, 2.0, 6.0]]), np.array([[True, False, True]]))
+    assert table == {"right_mean": [3.5], "wrong_mean": [2.0], "n_right": [2], "n_wrong": [1]}
+
+
+def test_per_layer_json_shape(tmp_path):
+    """The exact shape of `per_layer` (held-out checks read it) and the other additions."""
+    write_sweep(tmp_path, layers=(0, 1, 2, 3), captures=("attn_out", "attn_heads", "hidden"))
+    result = runner.invoke(app, ["rank", "--output-dir", str(tmp_path), "--json",
+                                 "--threshold", "1e-3,1e-2"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    stored = json.loads((tmp_path / "ranks.json").read_text())
+    n_k = len(TOKEN_COUNTS)
+    for doc in (printed, stored):
+        assert doc["layers"] == [0, 1, 2, 3]
+        assert doc["captures"] == ["attn_out", "attn_heads", "hidden"]
+        assert doc["primary_capture"] == "attn_out"
+        assert doc["thresholds"] == [1e-3, 1e-2] and doc["meta"]["threshold"] == 1e-3
+        assert doc["warnings"] == []
+        per_layer = doc["per_layer"]
+        assert list(per_layer) == ["0", "1", "2", "3"]
+        for layer, block in per_layer.items():
+            assert list(block) == ["numerical_rank_mean", "effective_rank_mean",
+                                   "stable_rank_mean"]
+            assert all(len(v) == n_k and all(isinstance(x, float) for x in v)
+                       for v in block.values())
+            measures = doc["measures"]["attn_out"][layer]
+            assert block["numerical_rank_mean"] == measures["numerical_rank@0.001"]["mean"]
+            assert block["stable_rank_mean"] == measures["stable_rank"]["mean"]
+        assert set(doc["measures"]) == set(doc["correctness"]) == set(doc["captures"])
+        for capture in doc["captures"]:
+            assert list(doc["measures"][capture]) == ["0", "1", "2", "3"]
+            for block in doc["measures"][capture].values():
+                assert list(block) == ["numerical_rank@0.001", "numerical_rank@0.01",
+                                       "effective_rank", "stable_rank"]
+                for summary in block.values():
+                    assert list(summary) == ["mean", "std", "ci95_low", "ci95_high"]
+                    assert all(len(v) == n_k for v in summary.values())
+        # The seed's two curves: the smallest and the largest analysed layer.
+        assert doc["first_layer"]["numerical_rank_mean"] == per_layer["0"]["numerical_rank_mean"]
+        assert doc["last_layer"]["effective_rank_mean"] == per_layer["3"]["effective_rank_mean"]
+    assert "numerical_rank_per_question" not in printed["first_layer"]
+    assert printed["ranks_file"] == str(tmp_path / "ranks.json")
+
+
+@pytest.mark.parametrize(("captures", "primary"), [
+    (("attn_heads", "hidden"), "attn_heads"),
+    (("attn_out", "hidden"), "attn_out"),
+    (("hidden",), "hidden"),
+])
+def test_primary_capture(tmp_path, captures, primary):
+    write_sweep(tmp_path, captures=captures, layers=(1, 2), num_layers=3)
+    doc = json.loads(compute_ranks(RankConfig(tmp_path)).path.read_text())
+    assert doc["primary_capture"] == primary
+    assert list(doc["per_layer"]) == ["1", "2"]
+    assert doc["first_layer"]["effective_rank_mean"] == \
+        doc["measures"][primary]["1"]["effective_rank"]["mean"]
+
+
+def test_one_analysed_layer_is_both_seed_curves(tmp_path):
+    write_sweep(tmp_path, layers=(2,))
+    doc = json.loads(compute_ranks(RankConfig(tmp_path)).path.read_text())
+    assert doc["layers"] == [2] and doc["first_layer"] == doc["last_layer"]
+
+
+def test_spectra_check_covers_every_tensor_and_layer(tmp_path):
+    path = write_sweep(tmp_path, layers=(0, 1, 2, 3), captures=("attn_out", "hidden"))
+    with h5py.File(path, "r+") as f:
+        spectra = f[spectra_dataset("hidden", 2, 40)]
+        values = spectra[()]
+        values[0, 0] *= 1.5
+        spectra[...] = values
+    reporter = RecordingReporter()
+    result = compute_ranks(RankConfig(tmp_path), reporter)
+    check = result.spectra_check.to_json()
+    assert check["matrices_checked"] == 2 * 4 * len(TOKEN_COUNTS) * 2
+    assert check["per_capture_max_relative_difference"]["hidden"]["2"] == \
+        pytest.approx(0.5, rel=1e-3)
+    others = [v for capture, layers in check["per_capture_max_relative_difference"].items()
+              for layer, v in layers.items() if (capture, layer) != ("hidden", "2")]
+    assert len(others) == 7 and max(others) < 1e-5
+    assert check["per_layer_max_relative_difference"]["first_layer"] < 1e-5
+    assert not check["ok"]
+    doc = json.loads(result.path.read_text())
+    assert any("do not match" in w for w in doc["warnings"])
+
+
+@pytest.mark.parametrize(("dtype", "thresholds", "warned"), [
+    ("bfloat16", (1e-3,), [1e-3]),              # 1.25x the bf16 floor
+    ("bfloat16", (1e-2, 2e-3, 3e-3), [2e-3]),
+    ("torch.bfloat16", (1e-3,), [1e-3]),
+    ("float16", (1e-3,), []),
+    ("float16", (1e-3, 1e-4, 2e-4), [1e-4, 2e-4]),
+    ("fp16", (1e-4,), [1e-4]),
+    ("float32", (1e-3, 1e-6), []),
+    (None, (1e-6,), []),
+])
+def test_dtype_warning(tmp_path, dtype, thresholds, warned):
+    write_sweep(tmp_path, config={"dtype": dtype}, n_keep=0)
+    reporter = RecordingReporter()
+    result = compute_ranks(RankConfig(tmp_path, threshold=thresholds[0],
+                                      more_thresholds=thresholds[1:]), reporter)
+    doc = json.loads(result.path.read_text())
+    assert len(doc["warnings"]) == len(warned)
+    for warning, threshold in zip(doc["warnings"], warned, strict=True):
+        assert f"threshold {threshold:g} " in warning and "rounding floor" in warning
+    assert [text for kind, text in reporter.messages if kind == "warn"] == doc["warnings"]
+
+
+def test_dtype_warning_falls_back_to_the_resolved_dtype(tmp_path):
+    """A sweep run with the default --dtype stores None in its config; its inputs hold the
+    dtype the model ran in."""
+    path = write_sweep(tmp_path, config={"dtype": None}, n_keep=0)
+    with h5py.File(path, "r+") as f:
+        f.attrs["inputs"] = json.dumps({"dtype": "bfloat16"})
+    doc = json.loads(compute_ranks(RankConfig(tmp_path)).path.read_text())
+    assert doc["meta"]["dtype"] == "bfloat16" and len(doc["warnings"]) == 1
+    assert dtype_warnings("bfloat16", (1e-3,)) == doc["warnings"]
+
+
+def test_old_schema_is_refused_in_one_line(tmp_path):
+    path = write_sweep(tmp_path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 2
+    with pytest.raises(DataError, match="schema version 2.*version 3.*vtkit sweep --force"):
+        compute_ranks(RankConfig(tmp_path))
+    result = runner.invoke(app, ["rank", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
+    assert "schema version 2" in result.stderr and not (tmp_path / "ranks.json").exists()
+
+
+def test_missing_layer_attributes_are_refused(tmp_path):
+    path = write_sweep(tmp_path)
+    with h5py.File(path, "r+") as f:
+        del f.attrs["captures"]
+    with pytest.raises(DataError, match="'captures'"):
+        compute_ranks(RankConfig(tmp_path))
+    path = write_sweep(tmp_path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["layers"] = np.array([], dtype=np.int64)
+    with pytest.raises(DataError, match="'layers'"):
+        compute_ranks(RankConfig(tmp_path))
+
+
+@pytest.mark.parametrize("threshold", ["1e-3,abc", "1e-3,2", "1e-3,,1e-2", "1e-2,0.01"])
+def test_cli_rank_rejects_bad_threshold_lists(tmp_path, threshold):
+    write_sweep(tmp_path)
+    result = runner.invoke(app, ["rank", "--output-dir", str(tmp_path),
+                                 f"--threshold={threshold}"])
+    assert result.exit_code == 2
+    assert "--threshold" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "ranks.json").exists()
