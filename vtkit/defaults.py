@@ -51,6 +51,20 @@ DEFAULT_MAX_TOKENS = 576
 DEFAULT_STEP = 10
 #: Relative cut-off for the numerical rank: above float16/bfloat16 rounding noise (docs/rank.md).
 DEFAULT_THRESHOLD = 1e-3
+#: The tensors whose visual rows the sweep can analyse (--capture): the self-attention output
+#: after o_proj (the seed's "attention output"), o_proj's input (the concatenated heads), and
+#: the decoder layer's output (residual stream included).
+CAPTURES = ("attn_out", "attn_heads", "hidden")
+CAPTURE_DESCRIPTIONS = {
+    "attn_out": "self-attention output (after o_proj, before the residual add)",
+    "attn_heads": "concatenated attention heads (o_proj input)",
+    "hidden": "decoder layer output (residual stream)",
+}
+DEFAULT_CAPTURE = "attn_out"
+#: --layers: first,last (the seed's two layers), all, or decoder layer indices (negative from
+#: the end), comma-separated.
+DEFAULT_LAYERS = "first,last"
+#: --threshold of vtkit rank may list several; the first is the headline one.
 
 # Defaults of `vtkit bench`.
 #: The model shape benchmarked: tiny runs anywhere in seconds.
