@@ -56,6 +56,7 @@ DPI = 300
 FIGSIZE = (10.0, 6.0)
 #: The heatmaps' two panels side by side: 3900 x 1800 pixels at 300 dpi.
 HEATMAP_FIGSIZE = (13.0, 6.0)
+#: The heatmaps' colours; a cell without a value is grey.
 HEATMAP_COLORS = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
 #: More curves than this in rank_by_layer cannot be told apart; the heatmap shows every layer.
 MAX_LAYER_CURVES = 8
@@ -259,15 +260,15 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
     if config.compare:
         figures += _save(_compare_figure([(output_dir, raw), *others]),
                          output_dir / COMPARE_FIGURE)
-    depth_figures = [] if depth is None else _depth_figures(ranks, depth, title, output_dir)
-    for path in _stale_depth_figures(output_dir, depth_figures):
+    if depth is not None:
+        figures += _depth_figures(ranks, depth, title, output_dir)
+    for path in _stale_depth_figures(output_dir, figures):
         path.unlink()
         reporter.info(f"removed {path} (not drawn from this ranks.json)")
-    files += figures + depth_figures
+    files += figures
     for path in files:
         reporter.info(f"wrote {path}")
-    return PlotResult(files=files, raw_results=raw, constant_series=constant,
-                      figures=figures + depth_figures)
+    return PlotResult(files=files, raw_results=raw, constant_series=constant, figures=figures)
 
 
 def _depth_measures(ranks: dict[str, Any], path: Path) -> list[str] | None:
