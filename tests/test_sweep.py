@@ -294,7 +294,8 @@ def test_the_layout_names_are_the_documented_ones():
     assert (cache.FEATURES_SCHEMA_VERSION, cache.SWEEP_SCHEMA_VERSION) == (2, 3)
     assert cache.answers_file(100) == "answers/k100.jsonl"
     assert cache.LAYERS == ("first_layer", "last_layer")
-    figures = ("pruning_experiment_*.png", "pruning_experiment_*.pdf")
+    figures = ("pruning_experiment_*.png", "pruning_experiment_*.pdf", "rank_heatmap_*.png",
+               "rank_heatmap_*.pdf", "rank_by_layer.png", "rank_by_layer.pdf")
     assert cache.STALE_AFTER_RESCORE == (("raw_results.json", "normalized_results.json"), figures)
     assert cache.STALE_AFTER_SWEEP == (
         ("ranks.json", "raw_results.json", "normalized_results.json"),

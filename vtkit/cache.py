@@ -75,6 +75,26 @@ RESULTS_FIGURE = FIGURE_PREFIX + "results"
 RAW_FIGURE = FIGURE_PREFIX + "raw"
 COMPARE_FIGURE = FIGURE_PREFIX + "compare"
 FIGURE_FORMATS = ("png", "pdf")
+#: The depth figures of `vtkit plot` (ranks.json with more than two layers): one depth x k
+#: heatmap per measure (:func:`heatmap_figure`) and the rank curves of selected layers.
+HEATMAP_FIGURE_PREFIX = "rank_heatmap_"
+LAYER_CURVES_FIGURE = "rank_by_layer"
+DEPTH_FIGURE_PATTERNS = tuple(f"{stem}.{ext}" for stem in (HEATMAP_FIGURE_PREFIX + "*",
+                                                           LAYER_CURVES_FIGURE)
+                              for ext in FIGURE_FORMATS)
+
+
+def heatmap_figure(measure: str) -> str:
+    """The heatmap stem of one ranks.json measure, safe as a file name: ``numerical_rank@0.001``
+    gives ``rank_heatmap_numerical_rank_1e-3``, ``effective_rank`` ``rank_heatmap_effective_rank``.
+    """
+    name, _, threshold = measure.partition("@")
+    if threshold:
+        mantissa, exponent = f"{float(threshold):.12e}".split("e")
+        name += f"_{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return HEATMAP_FIGURE_PREFIX + "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
 #: The seed's two curves, as named in ranks.json, the results files and the seed's figure: the
 #: smallest and the largest analysed layer of the primary capture.
 LAYERS = ("first_layer", "last_layer")
@@ -119,7 +139,8 @@ def answers_file(k: int) -> str:
 
 #: Every answer file, of any grid, relative to the output dir.
 ANSWERS_PATTERN = f"{ANSWERS_DIR}/{_K_PREFIX}*{_ANSWERS_SUFFIX}"
-FIGURE_PATTERNS = tuple(f"{FIGURE_PREFIX}*.{ext}" for ext in FIGURE_FORMATS)
+FIGURE_PATTERNS = (*(f"{FIGURE_PREFIX}*.{ext}" for ext in FIGURE_FORMATS),
+                   *DEPTH_FIGURE_PATTERNS)
 
 
 class Outputs(NamedTuple):

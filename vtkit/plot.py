@@ -10,7 +10,12 @@ rank`), and writes to the same output dir:
 - ``pruning_experiment_raw.png``/``.pdf``: raw accuracy with a 95% bootstrap band over questions
   and the mean ranks with their std, on twin axes;
 - ``pruning_experiment_compare.png``/``.pdf`` (with ``compare``): accuracy of several runs,
-  with a warning for each way the runs differ other than the scorer (:data:`COMPARED`).
+  with a warning for each way the runs differ other than the scorer (:data:`COMPARED`);
+- when ranks.json has ``measures`` for more than two layers of its primary capture (a sweep with
+  ``--layers all`` or a list): ``rank_heatmap_<measure>.png``/``.pdf``, depth x k for each
+  measure (each layer min-max normalised over k, and raw), and ``rank_by_layer.png``/``.pdf``,
+  the headline numerical rank of up to :data:`MAX_LAYER_CURVES` layers against k. Depth figures
+  of an earlier plot that this one does not redraw are removed, so none is left stale.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -28,6 +34,8 @@ from matplotlib.figure import Figure
 from vtkit import __version__, cache
 from vtkit.cache import (
     COMPARE_FIGURE,
+    DEPTH_FIGURE_PATTERNS,
+    LAYER_CURVES_FIGURE,
     LAYERS,
     NORMALIZED_RESULTS_FILE,
     RANKS_FILE,
@@ -35,7 +43,9 @@ from vtkit.cache import (
     RAW_RESULTS_FILE,
     RESULTS_FIGURE,
     SWEEP_FILE,
+    heatmap_figure,
 )
+from vtkit.defaults import CAPTURE_DESCRIPTIONS
 from vtkit.errors import CacheMismatchError, DataError
 from vtkit.progress import Reporter
 from vtkit.rank import open_sweep, sweep_meta
@@ -44,6 +54,12 @@ from vtkit.rank import open_sweep, sweep_meta
 DPI = 300
 #: Figure size in inches: 3000 x 1800 pixels at 300 dpi.
 FIGSIZE = (10.0, 6.0)
+#: The heatmaps' two panels side by side: 3900 x 1800 pixels at 300 dpi.
+HEATMAP_FIGSIZE = (13.0, 6.0)
+#: The heatmaps' colours; a cell without a value is grey.
+HEATMAP_COLORS = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+#: More curves than this in rank_by_layer cannot be told apart; the heatmap shows every layer.
+MAX_LAYER_CURVES = 8
 
 #: What overlaid runs should share for their curves to be compared; each difference is warned.
 COMPARED = ("questions", "template", "temperature", "model")
@@ -109,6 +125,44 @@ def bootstrap_accuracy_band(correct: np.ndarray, samples: int = 1000, seed: int 
     return low, high
 
 
+def heatmap_matrix(ranks: dict[str, Any], measure: str, normalised: bool,
+                   capture: str | None = None) -> tuple[list[int], list[int], np.ndarray]:
+    """The depth x k matrix a rank heatmap draws, from a ranks.json document.
+
+    Returns ``(layers, token_counts, matrix)``: rows are the analysed layers ascending, columns
+    the k of the grid in its order (as swept, descending), values the mean of ``measure`` over
+    image questions (null becomes NaN). ``normalised`` min-max normalises each row over k; a
+    constant row becomes zeros, NaN stays NaN. ``capture`` defaults to the primary capture.
+    """
+    by_layer = ranks["measures"][capture or ranks["primary_capture"]]
+    layers = sorted(int(layer) for layer in ranks["layers"])
+    matrix = np.array([_floats(by_layer[str(layer)][measure]["mean"]) for layer in layers],
+                      dtype=np.float64).reshape(len(layers), len(ranks["token_counts"]))
+    if normalised:
+        matrix = np.array([_normalize_row(row) for row in matrix]).reshape(matrix.shape)
+    return layers, list(ranks["token_counts"]), matrix
+
+
+def _normalize_row(row: np.ndarray) -> np.ndarray:
+    present = ~np.isnan(row)
+    if not present.any():
+        return row.copy()
+    values, _ = min_max_normalize(row[present])
+    out = np.full_like(row, np.nan)
+    out[present] = values
+    return out
+
+
+def curve_layers(layers: list[int], limit: int = MAX_LAYER_CURVES) -> list[int]:
+    """At most ``limit`` of ``layers`` (ascending) to draw as curves: all of them when they fit,
+    else evenly spaced ones, the first and the last included."""
+    layers = sorted(layers)
+    if len(layers) <= limit:
+        return layers
+    picks = np.unique(np.round(np.linspace(0, len(layers) - 1, limit)).astype(int))
+    return [layers[i] for i in picks]
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -130,10 +184,12 @@ class PlotResult:
     files: list[Path]
     raw_results: dict[str, Any]
     constant_series: list[str]
+    #: The figure files among ``files``.
+    figures: list[Path] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"files": [str(p) for p in self.files], "constant_series": self.constant_series,
-                **self.raw_results}
+        return {"files": [str(p) for p in self.files], "figures": [str(p) for p in self.figures],
+                "constant_series": self.constant_series, **self.raw_results}
 
 
 def _load_ranks(output_dir: Path, sweep_fingerprint: str) -> dict[str, Any]:
@@ -194,16 +250,77 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
     raw = _raw_results(meta, ranks, token_counts, correct, has_image, config)
     normalized, constant = _normalized_results(raw, reporter)
 
+    depth = _depth_measures(ranks, output_dir / RANKS_FILE)
+
     files = [_write_json(output_dir / RAW_RESULTS_FILE, raw),
              _write_json(output_dir / NORMALIZED_RESULTS_FILE, normalized)]
     title = _title(meta["model_id"], meta["scorer"], meta["random_init"])
-    files += _save(_results_figure(normalized, title), output_dir / RESULTS_FIGURE)
-    files += _save(_raw_figure(raw, title), output_dir / RAW_FIGURE)
+    figures = _save(_results_figure(normalized, title), output_dir / RESULTS_FIGURE)
+    figures += _save(_raw_figure(raw, title), output_dir / RAW_FIGURE)
     if config.compare:
-        files += _save(_compare_figure([(output_dir, raw), *others]), output_dir / COMPARE_FIGURE)
+        figures += _save(_compare_figure([(output_dir, raw), *others]),
+                         output_dir / COMPARE_FIGURE)
+    if depth is not None:
+        figures += _depth_figures(ranks, depth, title, output_dir)
+    for path in _stale_depth_figures(output_dir, figures):
+        path.unlink()
+        reporter.info(f"removed {path} (not drawn from this ranks.json)")
+    files += figures
     for path in files:
         reporter.info(f"wrote {path}")
-    return PlotResult(files=files, raw_results=raw, constant_series=constant)
+    return PlotResult(files=files, raw_results=raw, constant_series=constant, figures=figures)
+
+
+def _depth_measures(ranks: dict[str, Any], path: Path) -> list[str] | None:
+    """The measures to draw across depth, or None when ranks.json has no ``measures`` or two
+    layers at most (the seed's figures show those). Raises DataError naming what is missing."""
+    if "measures" not in ranks:
+        return None
+    try:
+        layers = [int(layer) for layer in ranks["layers"]]
+        by_layer = ranks["measures"][ranks["primary_capture"]]
+        if len(layers) <= 2:
+            return None
+        measures = list(by_layer[str(layers[0])])
+        n_k = len(ranks["token_counts"])
+        for layer in layers:
+            for measure in measures:
+                for key in ("mean", "ci95_low", "ci95_high"):
+                    if len(by_layer[str(layer)][measure][key]) != n_k:
+                        raise DataError(f"{path}: measures/{ranks['primary_capture']}/{layer}/"
+                                        f"{measure}/{key} does not have one value per k "
+                                        f"({n_k}): re-run `vtkit rank`")
+        headline = _headline(ranks)
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{path} lacks {error} (or it is malformed) among layers, "
+                        f"primary_capture, thresholds and measures: re-run `vtkit rank`") from None
+    if headline not in measures:
+        raise DataError(f"{path}: measures has no {headline!r} (the headline threshold): "
+                        f"re-run `vtkit rank`")
+    return measures
+
+
+def _headline(ranks: dict[str, Any]) -> str:
+    """The measure key of the numerical rank at the headline (first) threshold."""
+    threshold = (ranks.get("thresholds") or [ranks["meta"]["threshold"]])[0]
+    return f"numerical_rank@{threshold:g}"
+
+
+def _depth_figures(ranks: dict[str, Any], measures: list[str], title: str,
+                   output_dir: Path) -> list[Path]:
+    files: list[Path] = []
+    for measure in measures:
+        files += _save(_heatmap_figure(ranks, measure, title),
+                       output_dir / heatmap_figure(measure))
+    files += _save(_layer_curves_figure(ranks, title), output_dir / LAYER_CURVES_FIGURE)
+    return files
+
+
+def _stale_depth_figures(output_dir: Path, written: list[Path]) -> list[Path]:
+    """Depth figures in ``output_dir`` that this plot did not write (another grid of layers or
+    measures drew them)."""
+    found = {p for pattern in DEPTH_FIGURE_PATTERNS for p in output_dir.glob(pattern)}
+    return sorted(found - set(written))
 
 
 def _raw_results(meta: dict[str, Any], ranks: dict[str, Any], token_counts: list[int],
@@ -379,6 +496,70 @@ def _raw_figure(raw: dict[str, Any], title: str) -> Figure:
     return figure
 
 
+def _measure_label(measure: str) -> str:
+    name, _, threshold = measure.partition("@")
+    label = name.replace("_", " ").capitalize()
+    return f"{label} (threshold {float(threshold):g})" if threshold else label
+
+
+def _tensor_words(ranks: dict[str, Any]) -> str:
+    capture = ranks["primary_capture"]
+    return CAPTURE_DESCRIPTIONS.get(capture, capture)
+
+
+def _sparse_ticks(axes_set_ticks, labels: list[int], most: int) -> None:
+    """Ticks at every index when they fit, else at about ``most`` evenly spaced ones."""
+    step = max(1, int(np.ceil(len(labels) / most)))
+    positions = list(range(0, len(labels), step))
+    axes_set_ticks(positions, [str(labels[i]) for i in positions])
+
+
+def _heatmap_figure(ranks: dict[str, Any], measure: str, title: str) -> Figure:
+    figure = Figure(figsize=HEATMAP_FIGSIZE, layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(f"{_measure_label(measure)} of the {_tensor_words(ranks)}\n{title}")
+    panels = figure.subplots(1, 2)
+    for axes, normalised in zip(panels, (True, False), strict=True):
+        layers, k, matrix = heatmap_matrix(ranks, measure, normalised)
+        # Layer 0 at the bottom, as depth reads; a NaN (no value) cell is grey.
+        image = axes.imshow(np.ma.masked_invalid(matrix), origin="lower", aspect="auto",
+                            interpolation="nearest", cmap=HEATMAP_COLORS,
+                            vmin=0.0 if normalised else None, vmax=1.0 if normalised else None)
+        _sparse_ticks(axes.set_xticks, k, 12)
+        _sparse_ticks(axes.set_yticks, layers, 32)
+        axes.set_xlabel("Number of visual tokens kept (k)")
+        axes.set_ylabel("Decoder layer index")
+        axes.set_title("Each layer min-max normalised over k" if normalised
+                       else "Raw values (mean over image questions)")
+        bar = figure.colorbar(image, ax=axes)
+        bar.set_label("Normalised value" if normalised else _measure_label(measure))
+    return figure
+
+
+def _layer_curves_figure(ranks: dict[str, Any], title: str) -> Figure:
+    figure, axes = _new_axes(title)
+    measure = _headline(ranks)
+    by_layer = ranks["measures"][ranks["primary_capture"]]
+    layers = sorted(int(layer) for layer in ranks["layers"])
+    drawn = curve_layers(layers)
+    k = ranks["token_counts"]
+    colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(drawn)))
+    for layer, color in zip(drawn, colors, strict=True):
+        stats = by_layer[str(layer)][measure]
+        axes.fill_between(k, _floats(stats["ci95_low"]), _floats(stats["ci95_high"]),
+                          color=color, alpha=0.15, linewidth=0)
+        axes.plot(k, _floats(stats["mean"]), color=color, marker="o", markersize=3,
+                  label=f"layer {layer}")
+    _k_axis(axes, k)
+    axes.set_ylabel(f"{_measure_label(measure)}, mean and 95% bootstrap interval")
+    shown = (f"all {len(layers)} analysed layers" if len(drawn) == len(layers) else
+             f"{len(drawn)} of {len(layers)} analysed layers, evenly spaced "
+             f"(the heatmap shows all)")
+    axes.legend(loc="best", title=shown, fontsize="small")
+    axes.set_title(f"{_measure_label(measure)} of the {_tensor_words(ranks)}, by layer\n{title}")
+    return figure
+
+
 def _compare_figure(runs: list[tuple[Path, dict[str, Any]]]) -> Figure:
     figure, axes = _new_axes("Accuracy against visual tokens kept")
     all_k: list[int] = []
@@ -400,7 +581,8 @@ def _floats(values: list[float | None]) -> np.ndarray:
 def _save(figure: Figure, stem: Path) -> list[Path]:
     """Write ``stem.png`` (DPI) and ``stem.pdf``; the PDF carries no creation date, so the same
     inputs give the same bytes."""
-    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
+    # Appended, not with_suffix: a heatmap stem may hold a dot (numerical_rank_2.5e-4).
+    png, pdf = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")
     with cache.atomic_path(png) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
     with cache.atomic_path(pdf) as tmp:

@@ -28,7 +28,10 @@ def plot(
     normalized_results.json, pruning_experiment_results.png/.pdf (min-max normalised accuracy and
     first/last-layer rank against k) and pruning_experiment_raw.png/.pdf (accuracy with a 95%
     bootstrap band, mean ranks with their std). With --compare, also
-    pruning_experiment_compare.png/.pdf overlaying the accuracy of other runs.
+    pruning_experiment_compare.png/.pdf overlaying the accuracy of other runs. When ranks.json
+    has more than two layers (vtkit sweep --layers all), also rank_heatmap_<measure>.png/.pdf
+    (depth x k, each layer normalised over k and raw) and rank_by_layer.png/.pdf (the rank
+    curves of up to 8 layers).
 
     Example: vtkit plot --output-dir runs/l2 --compare runs/random --compare runs/cls
     """
