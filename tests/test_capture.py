@@ -379,3 +379,31 @@ def test_the_token_budget_leaves_room_for_more_captured_slots(monkeypatch):
     # What the further slots hold fits in the share the budget gives them.
     per_token = (4096 * 2 + 576 * 8) * (3 * 32 - 2)
     assert every * per_token < 0.6 * 100 * 2**30
+
+
+def test_waiting_batches_are_bounded_by_bytes():
+    """Batches waiting for their eigenvalues hold their Gram matrices: with every layer of a 7B
+    model one batch holds gigabytes, so the writer waits by bytes, not only by count."""
+    import threading
+
+    import vtkit.sweep as sweep_module
+
+    done: list[str] = []
+    release = threading.Event()
+
+    def slow(name):
+        release.wait(5)
+        done.append(name)
+
+    writer = sweep_module._PartWriter(workers=2, max_bytes=100)
+    writer.submit(slow, "first", nbytes=60)
+    assert done == []                       # the first batch still waits for its worker
+    threading.Timer(0.2, release.set).start()
+    writer.submit(slow, "second", nbytes=60)  # 120 bytes would not fit: waits for the first
+    assert done == ["first"]
+    writer.close()
+    assert done == ["first", "second"]
+    pool = sweep_module._PinnedBuffers(limit=10, max_bytes=8 * 1024)
+    for _ in range(4):
+        pool.give(torch.empty(512, dtype=torch.float64))   # 4 KiB each
+    assert sum(b.numel() * 8 for b in pool.idle) <= 8 * 1024

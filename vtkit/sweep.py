@@ -432,33 +432,50 @@ def _stored_rows(store: cache.PartStore, reporter: Reporter) -> dict[int, set[in
 class _PartWriter:
     """Finishes batches on CPU threads: eigenvalues of the Gram matrices, then the part file.
 
-    The GPU goes on with the next batch meanwhile; at most ``2 * workers`` batches wait, so
-    memory stays bounded. An error in a worker surfaces at the next submit or at close. With
-    no workers (CPU runs, where the threads would only compete with the model for cores) each
-    batch is finished at once.
+    The GPU goes on with the next batch meanwhile. At most ``2 * workers`` batches, holding at
+    most ``max_bytes`` of Gram matrices, wait, so host memory stays bounded however many layers
+    are captured (a 7B batch with every layer holds gigabytes). An error in a worker surfaces at
+    the next submit or at close. With no workers (CPU runs, where the threads would only
+    compete with the model for cores) each batch is finished at once.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, max_bytes: int = 0) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers) if workers else None
-        self.pending: list = []
+        self.pending: list[tuple[object, int]] = []
         self.limit = 2 * workers
+        self.max_bytes = max_bytes or host_memory_budget()
 
-    def submit(self, fn, *args) -> None:
+    def make_room(self, nbytes: int) -> None:
+        """Wait for finished batches until one more of ``nbytes`` fits the limits."""
+        while self.pending and (len(self.pending) >= self.limit or
+                                sum(b for _, b in self.pending) + nbytes > self.max_bytes):
+            self.pending.pop(0)[0].result()
+
+    def submit(self, fn, *args, nbytes: int = 0) -> None:
         if self.pool is None:
             fn(*args)
             return
-        while len(self.pending) >= self.limit:
-            self.pending.pop(0).result()
-        self.pending.append(self.pool.submit(fn, *args))
+        self.make_room(nbytes)
+        self.pending.append((self.pool.submit(fn, *args), nbytes))
 
     def close(self) -> None:
         if self.pool is None:
             return
         try:
-            for future in self.pending:
+            for future, _ in self.pending:
                 future.result()
         finally:
             self.pool.shutdown(wait=True)
+
+
+def host_memory_budget(share: float = 0.2, cap: int = 32 << 30) -> int:
+    """Bytes of host memory the waiting batches' Gram matrices may take: a share of the
+    machine's memory, at most ``cap``."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return cap
+    return max(1 << 30, min(cap, int(total * share)))
 
 
 class _PinnedBuffers:
@@ -466,9 +483,10 @@ class _PinnedBuffers:
     returns once its batch's eigenvalues are computed (pinning memory is slow, and allocating
     it per batch would stall the GPU stream). At most ``limit`` idle buffers are kept."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: int | None = None) -> None:
         self.idle: list[torch.Tensor] = []
         self.limit = max(1, limit)
+        self.max_bytes = max_bytes if max_bytes is not None else host_memory_budget()
         self.lock = threading.Lock()
 
     def take(self, numel: int) -> torch.Tensor:
@@ -484,7 +502,8 @@ class _PinnedBuffers:
     def give(self, buffer: torch.Tensor) -> None:
         with self.lock:
             self.idle.append(buffer)
-            if len(self.idle) > self.limit:
+            while len(self.idle) > 1 and (len(self.idle) > self.limit or
+                                          sum(b.numel() * 8 for b in self.idle) > self.max_bytes):
                 self.idle.pop(min(range(len(self.idle)), key=lambda i: self.idle[i].numel()))
 
 
@@ -563,12 +582,15 @@ class _BatchRunner:
             visual = _select(projected, scores, [local[it.index] for it in items], ks)
         answers, captured, n = run_batch(self.model, items, visual, self.config, self.capture,
                                          ks, self.timer)
+        # Float64 Gram matrices [B, k_max, k_max] of every captured slot, held until written.
+        nbytes = sum(8 * c.shape[0] * c.shape[1] ** 2 for c in captured.values())
         with self.timer.phase("spectra"):
+            self.writer.make_room(nbytes)
             grams = _grams_to_host(captured, self.pinned)
             kept = _kept_attention(items, ks, captured, self.keep)
         index = np.asarray([it.index for it in items], dtype=np.int64)
         self.writer.submit(_finish_image_batch, self.store, _image_part_name(index, ks), index,
-                           ks, answers, grams, self.capture.widths, kept)
+                           ks, answers, grams, self.capture.widths, kept, nbytes=nbytes)
         return n
 
 
@@ -630,7 +652,7 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     workers = max(1, min(12, (os.cpu_count() or 2) - 2)) if model.device.type == "cuda" else 0
     writer = _PartWriter(workers)
     runner = _BatchRunner(model, config, store, writer, ActivationCapture(model, captures, layers),
-                          keep, timer, _PinnedBuffers(writer.limit + 1))
+                          keep, timer, _PinnedBuffers(writer.limit + 1, writer.max_bytes))
     limits = threadpool_limits(limits=1, user_api="blas") if workers else nullcontext()
     tokens_done = 0
     try:
