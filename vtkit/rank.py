@@ -534,6 +534,45 @@ def _measure_layer(handle: h5py.File, capture: str, layer: int, token_counts: li
     return blocks
 
 
+def _read_answers(handle: h5py.File) -> tuple[list[int], list[str], np.ndarray]:
+    """The grid, the image questions' ids and their ``correct`` columns [n_k, n_img]."""
+    token_counts = [int(k) for k in handle["token_counts"][()]]
+    question_ids = handle["question_ids"].asstr()[()]
+    has_image = np.asarray(handle["has_image"][()], dtype=bool)
+    correct = np.asarray(handle["correct"][()], dtype=bool)
+    if correct.shape != (len(token_counts), len(question_ids)):
+        raise DataError(f"{handle.filename}: 'correct' has shape {correct.shape}, expected "
+                        f"({len(token_counts)}, {len(question_ids)}): re-run `vtkit sweep`")
+    image_ids = [str(q) for q in question_ids[has_image]]
+    if not image_ids:
+        raise DataError(f"{handle.filename} has no image questions: no visual tokens to rank")
+    return token_counts, image_ids, correct[:, has_image]
+
+
+def _measure_all(handle: h5py.File, captures: list[str], layer_indices: list[int],
+                 token_counts: list[int], thresholds: list[float], weights: np.ndarray,
+                 correct_images: np.ndarray, seed_slots: tuple[str, set[int]],
+                 check: SpectraCheck, task) -> tuple[dict, dict[int, LayerRanks]]:
+    """Every (capture, layer)'s measures and right-vs-wrong table, and the per-question ranks
+    of the seed's two curves (``seed_slots``: the primary capture and its end layers)."""
+    headline = numerical_rank_measure(thresholds[0])
+    primary, ends = seed_slots
+    measures: dict[str, dict[int, LayerMeasures]] = {}
+    seed_curves: dict[int, LayerRanks] = {}
+    for capture in captures:
+        measures[capture] = {}
+        for layer in layer_indices:
+            blocks = _measure_layer(handle, capture, layer, token_counts, correct_images.shape[1],
+                                    thresholds, check, task)
+            measures[capture][layer] = LayerMeasures(
+                summaries={name: summarise(values, weights) for name, values in blocks.items()},
+                correctness=correctness_table(blocks[headline], correct_images))
+            if capture == primary and layer in ends:
+                seed_curves[layer] = LayerRanks(numerical=blocks[headline].astype(np.int64),
+                                                effective=blocks[EFFECTIVE_RANK])
+    return measures, seed_curves
+
+
 @cache.holds_output_lock(create=False)
 def compute_ranks(config: RankConfig, reporter: Reporter | None = None) -> RankResult:
     """Read ``sweep.h5`` in ``config.output_dir``, compute the rank measures, write
@@ -546,44 +585,22 @@ def compute_ranks(config: RankConfig, reporter: Reporter | None = None) -> RankR
     config.validate()
     output_dir = Path(config.output_dir)
     thresholds = config.thresholds
-    headline = numerical_rank_measure(thresholds[0])
     with open_sweep(output_dir) as handle:
         meta = sweep_meta(handle)
         layer_indices = analysed_layers(handle)
         captures = analysed_captures(handle)
         primary = primary_capture(captures)
         dtype = capture_dtype(handle)
-        token_counts = [int(k) for k in handle["token_counts"][()]]
-        question_ids = handle["question_ids"].asstr()[()]
-        has_image = np.asarray(handle["has_image"][()], dtype=bool)
-        correct = np.asarray(handle["correct"][()], dtype=bool)
-        if correct.shape != (len(token_counts), len(question_ids)):
-            raise DataError(f"{handle.filename}: 'correct' has shape {correct.shape}, expected "
-                            f"({len(token_counts)}, {len(question_ids)}): re-run `vtkit sweep`")
-        image_ids = [str(q) for q in question_ids[has_image]]
-        if not image_ids:
-            raise DataError(f"{handle.filename} has no image questions: no visual tokens to rank")
+        token_counts, image_ids, correct_images = _read_answers(handle)
         weights = bootstrap_weights(len(image_ids), config.bootstrap_samples, config.seed)
         ends = {LAYERS[0]: layer_indices[0], LAYERS[1]: layer_indices[-1]}
         check = SpectraCheck()
-        measures: dict[str, dict[int, LayerMeasures]] = {}
-        seed_curves: dict[int, LayerRanks] = {}
         with reporter.task("ranking spectra",
                            total=len(captures) * len(layer_indices) * len(token_counts),
                            unit="k") as task:
-            for capture in captures:
-                measures[capture] = {}
-                for layer in layer_indices:
-                    blocks = _measure_layer(handle, capture, layer, token_counts,
-                                            len(image_ids), thresholds, check, task)
-                    measures[capture][layer] = LayerMeasures(
-                        summaries={name: summarise(values, weights)
-                                   for name, values in blocks.items()},
-                        correctness=correctness_table(blocks[headline], correct[:, has_image]))
-                    if capture == primary and layer in ends.values():
-                        seed_curves[layer] = LayerRanks(
-                            numerical=blocks[headline].astype(np.int64),
-                            effective=blocks[EFFECTIVE_RANK])
+            measures, seed_curves = _measure_all(
+                handle, captures, layer_indices, token_counts, thresholds, weights,
+                correct_images, (primary, set(ends.values())), check, task)
     if check.matrices_checked:
         check.per_layer = {name: check.per_capture.get(primary, {}).get(layer)
                            for name, layer in ends.items()}
