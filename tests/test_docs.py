@@ -55,7 +55,8 @@ def test_version():
 def test_the_repository_reads_nothing_outside_itself():
     """A clone alone in an empty folder must pass its tests: no code, test or chore points at a
     folder beside the checkout or at an environment variable that would."""
-    outside = ("../shared", "VTKIT_SHARED_DIR", "parents[2]")
+    # Spelled in pieces, so this test does not name what it looks for.
+    outside = ("../" + "shared", "VTKIT_" + "SHARED_DIR", "parents[" + "2]")
     offenders = []
     for path in [*ROOT.glob("vtkit/**/*.py"), *ROOT.glob("tests/*.py"), ROOT / "Makefile",
                  ROOT / ".ci" / "run"]:

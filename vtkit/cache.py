@@ -185,6 +185,12 @@ def fingerprint(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def digest(items: Any) -> str:
+    """sha256 (16 hex) of a JSON-serialisable list: the per-item records fingerprints hold
+    (question ids, prompts, image hashes)."""
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Top-level keys whose values differ between two input records."""
     keys = sorted(set(old) | set(new))

@@ -107,10 +107,6 @@ def image_hashes(selection: Selection, questions: list[Question]) -> list[tuple[
     return [(q.image, d) for q, d in zip(questions, digests, strict=True)]
 
 
-def _digest(items) -> str:
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-
-
 def vision_settings(model) -> dict:
     """The vision facts that decide the features: CLIP input size, patch size, feature layer,
     and the mean/std the pixels are normalised with."""
@@ -135,8 +131,8 @@ def cache_inputs(model, image_mode: str, seed: int, questions: list[Question],
         "dtype": str(model.identity.get("dtype")),
         "feature_dtype": feature_dtype,
         "image_mode": image_mode,
-        "questions": _digest([q.question_id for q in questions]),
-        "images": _digest(hashes),
+        "questions": cache.digest([q.question_id for q in questions]),
+        "images": cache.digest(hashes),
         "scorers": list(SCORERS),
         "seed": seed,
     }

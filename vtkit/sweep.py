@@ -886,8 +886,8 @@ def sweep_inputs(config: SweepConfig, model, items: list[PreparedItem],
         "model": model_key(model.identity),
         "tokenizer": model.identity.get("tokenizer_sha256"),
         "dtype": str(model.identity.get("dtype")),
-        "questions": _digest([it.question.question_id for it in items]),
-        "prompts": _digest(prompts),
+        "questions": cache.digest([it.question.question_id for it in items]),
+        "prompts": cache.digest(prompts),
         "tokens": list(config.tokens),
         "scorer": config.scorer,
         "conv_mode": config.conv_mode,
@@ -903,13 +903,9 @@ def sweep_inputs(config: SweepConfig, model, items: list[PreparedItem],
     }
 
 
-def _digest(items) -> str:
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-
-
 def answer_key_digest(problems: dict, items: list[PreparedItem]) -> str:
     """Hash of what scoring reads of the selected questions: each one's answer and choices."""
-    return _digest([[it.question.question_id, problems.get(it.question.question_id, {})
+    return cache.digest([[it.question.question_id, problems.get(it.question.question_id, {})
                      .get("answer"), problems.get(it.question.question_id, {}).get("choices")]
                     for it in items])
 
