@@ -509,10 +509,13 @@ class _PinnedBuffers:
 
 @dataclass
 class _HostGrams:
-    """One batch's Gram matrices in host memory, by (capture, layer); on CUDA, in one pinned
-    buffer whose copy ``ready`` marks as landed, returned to ``pool`` once read."""
+    """One batch's Gram matrices in host memory, by (capture, layer, k): each group of rows
+    sharing a k has its own k x k matrices (``groups``: k -> the rows' positions in the batch).
+    On CUDA they sit in one pinned buffer whose copy ``ready`` marks as landed, returned to
+    ``pool`` once read."""
 
     grams: dict
+    groups: dict
     ready: object = None
     buffer: torch.Tensor | None = None
     pool: _PinnedBuffers | None = None
@@ -520,7 +523,7 @@ class _HostGrams:
     def arrays(self) -> dict:
         if self.ready is not None:
             self.ready.synchronize()    # the copy to pinned host memory has landed
-        return {slot: g.numpy() for slot, g in self.grams.items()}
+        return {key: g.numpy() for key, g in self.grams.items()}
 
     def release(self) -> None:
         if self.pool is not None and self.buffer is not None:
@@ -531,13 +534,19 @@ class _HostGrams:
 def _finish_image_batch(store, name: str, index: np.ndarray, ks: list[int], answers: list[str],
                         grams: _HostGrams, widths: dict, kept: dict) -> None:
     """Write one image batch's part: answers, the spectra of its Gram matrices (by capture and
-    layer, each question's min(k, d) values end to end), kept rows."""
+    layer, each question's min(k, d) values end to end, in batch order), kept rows."""
     arrays = {"question_index": index, "k": np.asarray(ks, dtype=np.int32), "answers": answers}
     try:
-        for slot, gram in grams.arrays().items():
-            lengths = [min(k, widths[slot]) for k in ks]
-            arrays[f"spectra/{cache.slot_name(*slot)}"] = np.concatenate(
-                spectra_from_gram(gram, lengths))
+        values: dict = {}
+        for (capture, layer, k), gram in grams.arrays().items():
+            rows = values.setdefault((capture, layer),
+                                     [np.empty(0, np.float32) for _ in ks])
+            members = grams.groups[k]
+            lengths = [min(k, widths[capture, layer])] * len(members)
+            for j, spectrum in zip(members, spectra_from_gram(gram, lengths), strict=True):
+                rows[j] = spectrum
+        for slot, rows in values.items():
+            arrays[f"spectra/{cache.slot_name(*slot)}"] = np.concatenate(rows)
     finally:
         grams.release()
     arrays.update(kept)
@@ -582,11 +591,11 @@ class _BatchRunner:
             visual = _select(projected, scores, [local[it.index] for it in items], ks)
         answers, captured, n = run_batch(self.model, items, visual, self.config, self.capture,
                                          ks, self.timer)
-        # Float64 Gram matrices [B, k_max, k_max] of every captured slot, held until written.
-        nbytes = sum(8 * c.shape[0] * c.shape[1] ** 2 for c in captured.values())
+        # Float64 Gram matrices of every captured slot, held until written.
+        nbytes = _gram_bytes(captured, ks, self.capture.widths)
         with self.timer.phase("spectra"):
             self.writer.make_room(nbytes)
-            grams = _grams_to_host(captured, self.pinned)
+            grams = _grams_to_host(captured, ks, self.pinned)
             kept = _kept_attention(items, ks, captured, self.keep)
         index = np.asarray([it.index for it in items], dtype=np.int64)
         self.writer.submit(_finish_image_batch, self.store, _image_part_name(index, ks), index,
@@ -684,26 +693,48 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     return tokens_done
 
 
-def _grams_to_host(captured: dict, pinned: _PinnedBuffers | None) -> _HostGrams:
+def _k_groups(ks: list[int]) -> dict[int, list[int]]:
+    """The positions of a batch's rows, grouped by their k."""
+    groups: dict[int, list[int]] = {}
+    for j, k in enumerate(ks):
+        groups.setdefault(k, []).append(j)
+    return groups
+
+
+def _gram_bytes(captured: dict, ks: list[int], widths: dict) -> int:
+    """Bytes of the float64 Gram matrices of a batch: min(k, d)^2 per row and slot."""
+    return sum(8 * min(k, widths[slot]) ** 2 for slot in captured for k in ks)
+
+
+def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None) -> _HostGrams:
     """Float64 Gram matrices of each slot's captured rows, copied to host memory without
     stalling the GPU.
 
-    On CUDA they go, asynchronously, into one pinned buffer of ``pinned`` (every slot's in a
-    slice of it); the recorded event tells the CPU worker when the copy has landed. On the CPU
-    the tensors are simply returned.
+    Rows are grouped by k, so a row's matrix is min(k, d) square rather than padded to the
+    batch's largest k: the eigenvalues, the costly part on the CPU, grow as the cube of that
+    size. On CUDA the matrices go, asynchronously, into one pinned buffer of ``pinned`` (each
+    in a slice of it); the recorded event tells the CPU worker when the copy has landed. On
+    the CPU the tensors are simply returned.
     """
-    grams = {slot: gram_matrices(rows) for slot, rows in captured.items()}
-    if next(iter(grams.values())).device.type != "cuda" or pinned is None:
-        return _HostGrams(grams)
+    groups = _k_groups(ks)
+    grams = {}
+    for (capture, layer), rows in captured.items():
+        for k, members in groups.items():
+            if k == 0:
+                continue        # no visual rows: an empty spectrum
+            index = torch.tensor(members, device=rows.device)
+            grams[capture, layer, k] = gram_matrices(rows[index, :k])
+    if rows.device.type != "cuda" or pinned is None:
+        return _HostGrams(grams, groups)
     buffer = pinned.take(sum(g.numel() for g in grams.values()))
     host, offset = {}, 0
-    for slot, g in grams.items():
-        host[slot] = buffer[offset:offset + g.numel()].view(g.shape)
-        host[slot].copy_(g, non_blocking=True)
+    for key, g in grams.items():
+        host[key] = buffer[offset:offset + g.numel()].view(g.shape)
+        host[key].copy_(g, non_blocking=True)
         offset += g.numel()
     ready = torch.cuda.Event()
     ready.record()
-    return _HostGrams(host, ready, buffer, pinned)
+    return _HostGrams(host, groups, ready, buffer, pinned)
 
 
 def _select(projected: torch.Tensor, scores: torch.Tensor, rows: list[int],
