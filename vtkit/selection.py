@@ -54,15 +54,14 @@ def divprune_order(projected: torch.Tensor) -> torch.Tensor:
     nearest.diagonal(dim1=1, dim2=2).fill_(math.inf)
     pick = nearest.min(dim=1).values.argmax(dim=-1)
     order = torch.empty((batch, num), dtype=torch.long, device=distance.device)
-    order[:, 0] = pick
-    picked = torch.zeros((batch, num), dtype=torch.bool, device=distance.device)
-    picked[rows, pick] = True
-    closest = distance[rows, pick]
-    for step in range(1, num):
-        pick = closest.masked_fill(picked, -math.inf).argmax(dim=-1)
+    # Each unpicked token's distance to the nearest picked one; picked tokens hold -inf (a
+    # minimum never raises it), so they are never picked again.
+    closest = torch.full((batch, num), math.inf, device=distance.device)
+    for step in range(num):
         order[:, step] = pick
-        picked[rows, pick] = True
         closest = torch.minimum(closest, distance[rows, pick])
+        closest[rows, pick] = -math.inf
+        pick = closest.argmax(dim=-1)
     return order
 
 
