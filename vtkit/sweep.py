@@ -1,12 +1,13 @@
 """Stage 2, ``vtkit sweep``: the pruned LLaVA passes.
 
-For every k of the grid and every image question: project the cached CLIP features, keep the
-top-k by the chosen scorer in raster order, splice them into the embedded prompt in place of the
-image placeholder, run the language model (batched, left-padded), capture the chosen tensors
-(``--capture``: attention output, concatenated heads, decoder layer output) at the chosen decoder
-layers (``--layers``) in the same prefill, keep the spectra of their k visual rows, and decode
-the answer. Text-only questions do not depend on k: they run once and
-count in every k. Results go to ``sweep.h5`` (layout in ``docs/cache.md``) and to LLaVA-format
+For every k of the grid and every image question: take the k visual rows the chosen scorer
+gives (the top k of a ranking scorer's scores, or a per-k method's kept or merged tokens, from
+the cached CLIP signals; docs/scorers.md), projected, splice them into the embedded prompt in
+place of the image placeholder, run the language model (batched, left-padded), capture the
+chosen tensors (``--capture``: attention output, concatenated heads, decoder layer output) at
+the chosen decoder layers (``--layers``) in the same prefill, keep the spectra of their k visual
+rows, and decode the answer. Text-only questions do not depend on k: they run once and count in
+every k. Results go to ``sweep.h5`` (layout in ``docs/cache.md``) and to LLaVA-format
 answer files ``answers/k{K}.jsonl``.
 
 This module is the stage: its config, the plan of (question, k) batches, the part files and
