@@ -274,9 +274,18 @@ def test_a_sweep_file_of_the_old_schema_is_refused(default_sweep, demo_scienceqa
     assert int(cache.read_attrs(out / cache.SWEEP_FILE)["schema_version"]) == 3
 
 
-def test_a_features_cache_of_schema_2_still_works(features_dir):
-    # features.h5 keeps its version: caches extracted before sweep.h5 moved to 3 stay valid.
-    assert int(cache.read_attrs(features_dir / cache.FEATURES_FILE)["schema_version"]) == 2
+def test_a_features_cache_of_schema_2_is_refused_by_the_sweep(features_dir, demo_scienceqa,
+                                                              tmp_path):
+    out = tmp_path / "old-features"
+    out.mkdir()
+    shutil.copy(features_dir / cache.FEATURES_FILE, out / cache.FEATURES_FILE)
+    with h5py.File(out / cache.FEATURES_FILE, "r+") as f:
+        f.attrs["schema_version"] = 2
+    refused = vtkit(*sweep_args(demo_scienceqa, out))
+    assert refused.exit_code == 1
+    line = " ".join(refused.output.split())
+    assert str(out / cache.FEATURES_FILE) in line and "schema version 2" in line
+    assert "vtkit extract --force" in line
 
 
 def test_the_config_refuses_an_unknown_capture(demo_scienceqa):

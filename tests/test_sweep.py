@@ -291,7 +291,7 @@ def test_the_layout_names_are_the_documented_ones():
     assert cache.spectra_dataset("attn_out", 0, 20) == "spectra/attn_out/layer0/k20"
     assert cache.attention_dataset("hidden", 31, 576) == "attention/hidden/layer31/k576"
     assert cache.layer_name(2) == "layer2"
-    assert (cache.FEATURES_SCHEMA_VERSION, cache.SWEEP_SCHEMA_VERSION) == (2, 3)
+    assert (cache.FEATURES_SCHEMA_VERSION, cache.SWEEP_SCHEMA_VERSION) == (3, 3)
     assert cache.answers_file(100) == "answers/k100.jsonl"
     assert cache.LAYERS == ("first_layer", "last_layer")
     figures = ("pruning_experiment_*.png", "pruning_experiment_*.pdf", "rank_heatmap_*.png",

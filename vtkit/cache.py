@@ -45,9 +45,10 @@ from vtkit.errors import (
 )
 
 #: The layout version of each file; a file of another version is refused (or, with --force,
-#: recomputed). features.h5 2: each image's sha256 (not its size and mtime), models compared by
-#: weights, not by path.
-FEATURES_SCHEMA_VERSION = 2
+#: recomputed). features.h5 3: the [CLS] hidden state, head-averaged keys and DivPrune scores
+#: of the per-method selection; 2: each image's sha256 (not its size and mtime), models compared
+#: by weights, not by path.
+FEATURES_SCHEMA_VERSION = 3
 #: sweep.h5 3: spectra and kept rows by tensor and decoder layer index
 #: (``spectra/attn_out/layer0/k20``); 2 held the first and last layer's attention output alone
 #: (``spectra/first_layer/k20``) and the answer key's hash.

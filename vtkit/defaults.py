@@ -8,8 +8,13 @@ conversation templates, which carry their text, live in :mod:`vtkit.prompts` (it
 
 from pathlib import Path
 
-#: Importance scorers `vtkit extract` stores and `vtkit sweep --scorer` chooses from.
-SCORERS = ("l2", "cls", "random", "uniform")
+#: Every `vtkit sweep --scorer` choice (docs/scorers.md).
+SCORERS = ("l2", "cls", "random", "uniform", "divprune", "vispruner", "visionzip")
+#: The scorers whose selection is a prefix of one ranking: `vtkit extract` stores their scores
+#: (``scores/NAME``), and budget k keeps the top k in raster order.
+RANKING_SCORERS = ("l2", "cls", "random", "uniform", "divprune")
+#: Pre-LLM methods whose selection is computed per k from the cached CLIP signals.
+PER_K_SCORERS = ("vispruner", "visionzip")
 #: The --image-mode values (see :mod:`vtkit.images`).
 IMAGE_MODES = ("pad", "crop")
 #: The --dtype names (the library also takes torch's aliases, e.g. fp16).

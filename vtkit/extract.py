@@ -1,6 +1,7 @@
 """Stage 1, ``vtkit extract``: run the vision tower once per image question and cache, in HDF5,
-the CLIP features (layer -2, CLS dropped, before the projector) and every scorer's importance
-scores. ``docs/cache.md`` documents the file.
+the CLIP features (layer -2, CLS dropped, before the projector), every ranking scorer's
+importance scores, and the further signals of that layer the per-k methods read ([CLS] hidden
+state, head-averaged keys). ``docs/cache.md`` documents the file.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from vtkit.defaults import (
     DEFAULT_OUTPUT_DIR,
     DEFAULT_SEED,
     DEFAULT_SPLIT,
+    RANKING_SCORERS,
 )
 from vtkit.errors import DataError, UsageError
 from vtkit.images import check_image_mode, load_image, preprocess_images
 from vtkit.parallel import init_workers
 from vtkit.progress import Reporter
-from vtkit.pruning import SCORERS, l2_scores, random_scores, uniform_scores
+from vtkit.pruning import l2_scores, random_scores, uniform_scores
+from vtkit.selection import divprune_order, order_scores
 
 
 @dataclass
@@ -133,7 +136,7 @@ def cache_inputs(model, image_mode: str, seed: int, questions: list[Question],
         "image_mode": image_mode,
         "questions": cache.digest([q.question_id for q in questions]),
         "images": cache.digest(hashes),
-        "scorers": list(SCORERS),
+        "scorers": list(RANKING_SCORERS),
         "seed": seed,
     }
 
@@ -228,6 +231,10 @@ def _load_batch(selection: Selection, batch: list[Question], image_mode: str, mo
     return torch.cat(list(decoders.map(one, batch)))
 
 
+def _host(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    return tensor.float().cpu().numpy().astype(dtype)
+
+
 def _run_vision(model, selection, todo, batch_size, config, store, reporter, feature_dtype) -> int:
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     if not batches:
@@ -246,16 +253,20 @@ def _run_vision(model, selection, todo, batch_size, config, store, reporter, fea
                 pending = pool.submit(_load_batch, selection, batches[index + 1],
                                       config.image_mode, model, decoders)
             with torch.inference_mode():
-                features, cls_attention = model.encode_images(
-                    pixels.to(model.device, model.dtype))
-                l2 = l2_scores(model.project(features))
+                signals = model.vision_signals(pixels.to(model.device, model.dtype))
+                projected = model.project(signals.features)
+                l2 = l2_scores(projected)
+                divprune = order_scores(divprune_order(projected))
             ids = [q.question_id for q in batch]
             # Parts are named by the position of their first question: unique across resumes.
             store.write(f"part-{position[ids[0]]:06d}", {
                 "question_ids": ids,
-                "features": features.float().cpu().numpy().astype(feature_dtype),
+                "features": _host(signals.features, feature_dtype),
+                "cls_features": _host(signals.cls_feature, feature_dtype),
+                "keys": _host(signals.keys, feature_dtype),
                 "scores/l2": l2.cpu().numpy(),
-                "scores/cls": cls_attention.float().cpu().numpy(),
+                "scores/cls": signals.cls_attention.float().cpu().numpy(),
+                "scores/divprune": divprune.cpu().numpy(),
                 "scores/random": np.stack([random_scores(q, model.num_patches, config.seed)
                                            for q in ids]),
                 "scores/uniform": np.tile(uniform, (len(ids), 1)),
@@ -280,7 +291,7 @@ def _merge(store, final, questions, hashes, model, config, inputs, feature_dtype
             "image_mode": config.image_mode,
             "dtype": str(model.dtype).replace("torch.", ""),
             "num_patches": num_patches,
-            "scorers": json.dumps(list(SCORERS)),
+            "scorers": json.dumps(list(RANKING_SCORERS)),
             "complete": False,
         })
         out.attrs.update(attrs)
@@ -292,7 +303,7 @@ def _merge(store, final, questions, hashes, model, config, inputs, feature_dtype
                            dtype=cache.STRING)
         features = None
         scores = {name: out.create_dataset(f"scores/{name}", (n, num_patches), np.float32)
-                  for name in SCORERS}
+                  for name in RANKING_SCORERS}
         filled = np.zeros(n, dtype=bool)
         for part in store.parts():
             with h5py.File(part, "r") as f:
@@ -303,9 +314,17 @@ def _merge(store, final, questions, hashes, model, config, inputs, feature_dtype
                         "features", (n, num_patches, block.shape[-1]), feature_dtype,
                         chunks=(1, num_patches, block.shape[-1]), compression="lzf",
                         shuffle=True)
+                    keys = out.create_dataset(
+                        "keys", (n, num_patches, f["keys"].shape[-1]), feature_dtype,
+                        chunks=(1, num_patches, f["keys"].shape[-1]))
+                    cls_features = out.create_dataset("cls_features", (n, block.shape[-1]),
+                                                      feature_dtype)
+                key_block = f["keys"][:]
                 for j, row in enumerate(rows):
                     features[row] = block[j]
-                for name in SCORERS:
+                    keys[row] = key_block[j]
+                cls_features[rows] = f["cls_features"][:]
+                for name in RANKING_SCORERS:
                     scores[name][rows] = f[f"scores/{name}"][:]
                 filled[rows] = True
         if not filled.all():

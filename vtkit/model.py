@@ -32,7 +32,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -511,6 +511,15 @@ def feature_layer_index(layer: int, num_layers: int) -> int:
     return index
 
 
+class VisionSignals(NamedTuple):
+    """What :meth:`LlavaModel.vision_signals` returns (shapes in its docstring)."""
+
+    features: torch.Tensor
+    cls_attention: torch.Tensor
+    cls_feature: torch.Tensor
+    keys: torch.Tensor
+
+
 class LlavaModel:
     """A loaded LLaVA model: tokenizer, vision features, projector, embeddings, decoder, head.
 
@@ -605,16 +614,24 @@ class LlavaModel:
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP features and [CLS] attention for a batch of preprocessed images.
+        """CLIP features and [CLS] attention for a batch of preprocessed images: the first two
+        of :meth:`vision_signals`."""
+        signals = self.vision_signals(pixel_values)
+        return signals.features, signals.cls_attention
 
-        Returns ``features`` [B, N, Dv] (model dtype): the hidden state of CLIP layer
-        ``vision_feature_layer`` (hidden_states[-2]: no post-layernorm), CLS dropped, as
-        ``get_image_features`` selects it before the projector; and ``cls_attention`` [B, N]
-        (float32): the [CLS] -> patch attention of the CLIP layer whose output those features
-        are, averaged over heads. SDPA returns no weights, so the row is recomputed from that
-        layer's layer-normed input and its q/k projections: softmax over all tokens including
-        CLS, then the CLS column dropped (a row sums to 1 minus CLS's attention to itself).
-        Layers after the feature layer are not run.
+    @torch.inference_mode()
+    def vision_signals(self, pixel_values: torch.Tensor) -> VisionSignals:
+        """What the CLIP layer ``vision_feature_layer`` gives for a batch of preprocessed images.
+
+        ``features`` [B, N, Dv] (model dtype): its hidden state (hidden_states[-2]: no
+        post-layernorm), CLS dropped, as ``get_image_features`` selects it before the projector;
+        ``cls_attention`` [B, N] (float32): its [CLS] -> patch attention averaged over heads;
+        ``cls_feature`` [B, Dv] (model dtype): its [CLS] hidden state; ``keys`` [B, N, Dh]
+        (float32): its patch keys (k_proj of the layer-normed input) averaged over heads, as
+        VisionZip uses them. SDPA returns no weights, so the attention row is recomputed from
+        that layer's layer-normed input and its q/k projections: softmax over all tokens
+        including CLS, then the CLS column dropped (a row sums to 1 minus CLS's attention to
+        itself). Layers after the feature layer are not run.
         """
         core, layers = clip_layers(self.hf)
         index = feature_layer_index(self.vision_feature_layer, len(layers))
@@ -623,9 +640,9 @@ class LlavaModel:
         for layer in layers[:index - 1]:
             hidden = _run_clip_layer(layer, hidden)
         feature_layer = layers[index - 1]
-        cls_attention = _cls_attention(feature_layer, hidden)
+        cls_attention, keys = _cls_attention(feature_layer, hidden)
         hidden = _run_clip_layer(feature_layer, hidden)
-        return hidden[:, 1:], cls_attention
+        return VisionSignals(hidden[:, 1:], cls_attention, hidden[:, 0], keys[:, 1:])
 
     @torch.inference_mode()
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -673,8 +690,9 @@ def _run_clip_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """[CLS] -> patch attention of one CLIP encoder layer, given the layer's input [B, T, D]."""
+def _cls_attention(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] -> token attention [B, T-1] (CLS column dropped, mean over heads) and keys averaged
+    over heads [B, T, Dh] (float32), of one CLIP encoder layer given its input [B, T, D]."""
     attention = layer.self_attn
     normed = layer.layer_norm1(hidden)
     batch, tokens, width = normed.shape
@@ -684,7 +702,7 @@ def _cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     keys = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)
     # float32 like the eager attention's softmax; [B, H, 1, T]
     scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * attention.scale
-    return scores.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+    return scores.softmax(dim=-1).mean(dim=1)[:, 0, 1:], keys.float().mean(dim=1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Stage 2, ``vtkit sweep``: the pruned LLaVA passes.
 
-For every k of the grid and every image question: project the cached CLIP features, keep the
-top-k by the chosen scorer in raster order, splice them into the embedded prompt in place of the
-image placeholder, run the language model (batched, left-padded), capture the chosen tensors
-(``--capture``: attention output, concatenated heads, decoder layer output) at the chosen decoder
-layers (``--layers``) in the same prefill, keep the spectra of their k visual rows, and decode
-the answer. Text-only questions do not depend on k: they run once and
-count in every k. Results go to ``sweep.h5`` (layout in ``docs/cache.md``) and to LLaVA-format
+For every k of the grid and every image question: take the k visual rows the chosen scorer
+gives (the top k of a ranking scorer's scores, or a per-k method's kept or merged tokens, from
+the cached CLIP signals; docs/scorers.md), projected, splice them into the embedded prompt in
+place of the image placeholder, run the language model (batched, left-padded), capture the
+chosen tensors (``--capture``: attention output, concatenated heads, decoder layer output) at
+the chosen decoder layers (``--layers``) in the same prefill, keep the spectra of their k visual
+rows, and decode the answer. Text-only questions do not depend on k: they run once and count in
+every k. Results go to ``sweep.h5`` (layout in ``docs/cache.md``) and to LLaVA-format
 answer files ``answers/k{K}.jsonl``.
 
 This module is the stage: its config, the plan of (question, k) batches, the part files and
@@ -58,6 +59,8 @@ from vtkit.defaults import (
     DEFAULT_SINGLE_PRED_PROMPT,
     DEFAULT_SPLIT,
     DEFAULT_TEMPERATURE,
+    PER_K_SCORERS,
+    RANKING_SCORERS,
 )
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
@@ -81,6 +84,12 @@ from vtkit.pruning import (
     top_k_raster,
 )
 from vtkit.scoring import score_predictions
+from vtkit.selection import (
+    visionzip_split,
+    visionzip_tokens,
+    vispruner_important,
+    vispruner_keep,
+)
 
 
 @dataclass
@@ -97,6 +106,8 @@ class SweepConfig:
     num_samples: int = DEFAULT_NUM_SAMPLES
     output_dir: Path = DEFAULT_OUTPUT_DIR
     scorer: str = DEFAULT_SCORER
+    important_ratio: float | None = None   # vispruner's important share; None: per k (README)
+    contextual_ratio: float | None = None  # visionzip's contextual share; None: 10/64 (README)
     conv_mode: str = DEFAULT_CONV_MODE
     single_pred_prompt: bool = DEFAULT_SINGLE_PRED_PROMPT
     temperature: float = DEFAULT_TEMPERATURE
@@ -125,6 +136,7 @@ class SweepConfig:
         if self.scorer not in SCORERS:
             raise UsageError(f"--scorer: unknown scorer {self.scorer!r} "
                              f"(known: {', '.join(SCORERS)})")
+        check_method_settings(self)
         get_conv_template(self.conv_mode)
         check_tokens(self.tokens)
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -172,6 +184,38 @@ def check_tokens(tokens: list[int], num_patches: int | None = None) -> None:
         limit = num_patches if num_patches is not None else "the number of patches"
         raise UsageError(f"--tokens/--max: k={bad[0]} is outside 1..{limit}, the number of "
                          f"visual tokens of this model")
+
+
+def check_method_settings(config: SweepConfig) -> None:
+    """--important-ratio and --contextual-ratio: a share in [0, 1], given only with the scorer
+    that reads it."""
+    for flag, value, scorer in (("--important-ratio", config.important_ratio, "vispruner"),
+                                ("--contextual-ratio", config.contextual_ratio, "visionzip")):
+        if value is None:
+            continue
+        if config.scorer != scorer:
+            raise UsageError(f"{flag} applies to --scorer {scorer} only, not {config.scorer}")
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise UsageError(f"{flag} must be a share between 0 and 1, not {value}")
+
+
+def selection_plan(config: SweepConfig) -> dict:
+    """How the scorer picks each k's visual rows, with every per-k count resolved: recorded in
+    sweep.h5 (attribute ``selection``) and, for the per-k methods, in its fingerprint."""
+    if config.scorer == "vispruner":
+        return {"method": "vispruner", "rows": "kept CLIP rows, projected",
+                "important_ratio": config.important_ratio,
+                "important": [[k, vispruner_important(k, config.important_ratio)]
+                              for k in config.tokens]}
+    if config.scorer == "visionzip":
+        return {"method": "visionzip",
+                "rows": "merged CLIP tokens ([CLS], dominant, contextual), projected: features "
+                        "change, not only which rows are kept",
+                "contextual_ratio": config.contextual_ratio,
+                "dominant_contextual": [[k, *visionzip_split(k, config.contextual_ratio)]
+                                        for k in config.tokens]}
+    return {"method": config.scorer, "rows": "top k of one ranking (scores/"
+                                             f"{config.scorer} of features.h5), projected"}
 
 
 def check_captures(captures: list[str]) -> list[str]:
@@ -582,13 +626,14 @@ class _BatchRunner:
             "k": np.zeros(len(items), dtype=np.int32), "answers": answers})
         return n
 
-    def image(self, batch: list[tuple[PreparedItem, int]], projected: torch.Tensor,
-              scores: torch.Tensor, local: dict[int, int]) -> int:
+    def image(self, batch: list[tuple[PreparedItem, int]], chunk: _Chunk,
+              local: dict[int, int]) -> int:
         """A batch of (image question, k) rows of a loaded chunk (``local``: question index ->
-        row of ``projected``); returns its prefill tokens."""
+        row of ``chunk``); returns its prefill tokens."""
         items, ks = [it for it, _ in batch], [k for _, k in batch]
         with self.timer.phase("select"):
-            visual = _select(projected, scores, [local[it.index] for it in items], ks)
+            visual = _select(self.model, self.config, chunk, [local[it.index] for it in items],
+                             ks)
         answers, captured, n = run_batch(self.model, items, visual, self.config, self.capture,
                                          ks, self.timer)
         # Float64 Gram matrices of every captured slot, held until written.
@@ -676,12 +721,12 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
                 if not batches:
                     continue
                 with timer.phase("load"):
-                    projected, scores = _load_chunk(model, features, chunk, config)
+                    signals = _load_chunk(model, features, chunk, config)
                 local = {it.index: j for j, it in enumerate(chunk)}
                 for batch in batches:
                     ks = [k for _, k in batch]
                     task.describe(f"sweep k={min(ks)}..{max(ks)}")
-                    n = runner.image(batch, projected, scores, local)
+                    n = runner.image(batch, signals, local)
                     tokens_done += n
                     task.advance(1, work=n)
             task.describe(f"sweep ({len(config.tokens)} k values)")
@@ -737,17 +782,35 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
     return _HostGrams(host, groups, ready, buffer, pinned)
 
 
-def _select(projected: torch.Tensor, scores: torch.Tensor, rows: list[int],
+def _select(model, config: SweepConfig, chunk: _Chunk, rows: list[int],
             ks: list[int]) -> list[torch.Tensor]:
-    """Each row's top-k projected features in raster order (rows sharing a k go together)."""
+    """Each row's visual rows [k, D] for the language model, by the scorer's rule (rows sharing
+    a k go together)."""
     visual: list[torch.Tensor | None] = [None] * len(rows)
     for k in sorted(set(ks)):
         members = [j for j, kk in enumerate(ks) if kk == k]
-        index = torch.tensor([rows[j] for j in members], device=projected.device)
-        kept = gather_rows(projected[index], top_k_raster(scores[index], k))
-        for j, block in zip(members, kept, strict=True):
+        index = torch.tensor([rows[j] for j in members], device=model.device)
+        for j, block in zip(members, _visual_rows(model, config, chunk, index, k), strict=True):
             visual[j] = block
     return visual
+
+
+def _visual_rows(model, config: SweepConfig, chunk: _Chunk, index: torch.Tensor,
+                 k: int) -> torch.Tensor:
+    """The k visual rows [B, k, D] of the chunk's questions ``index`` under the scorer.
+
+    Ranking scorers keep the top k of their scores and VisPruner its kept tokens, as projected
+    rows in raster order; VisionZip's tokens are merged in CLIP space, then projected."""
+    if config.scorer == "vispruner":
+        keep = vispruner_keep(chunk.attention[index], chunk.features[index], k,
+                              vispruner_important(k, config.important_ratio))
+        return gather_rows(chunk.projected[index], keep)
+    if config.scorer == "visionzip":
+        dominant, contextual = visionzip_split(k, config.contextual_ratio)
+        tokens = visionzip_tokens(chunk.features[index], chunk.cls_feature[index],
+                                  chunk.attention[index], chunk.keys[index], dominant, contextual)
+        return model.project(tokens)
+    return gather_rows(chunk.projected[index], top_k_raster(chunk.scores[index], k))
 
 
 def _kept_attention(items, ks, captured: dict, keep: set[int]) -> dict:
@@ -763,18 +826,46 @@ def _kept_attention(items, ks, captured: dict, keep: set[int]) -> dict:
     return kept
 
 
-def _load_chunk(model, features_file, chunk: list[PreparedItem], config: SweepConfig):
-    """Project one chunk's cached features once; every k of the grid reuses them."""
+@dataclass
+class _Chunk:
+    """One chunk's cached signals on the device, in the chunk's order; each scorer loads what
+    its rule reads (None otherwise)."""
+
+    projected: torch.Tensor | None = None    # [n, N, D] projected features
+    scores: torch.Tensor | None = None       # [n, N] the ranking scorer's scores
+    features: torch.Tensor | None = None     # [n, N, Dv] CLIP features
+    attention: torch.Tensor | None = None    # [n, N] [CLS] attention (scores/cls)
+    cls_feature: torch.Tensor | None = None  # [n, Dv] [CLS] hidden state
+    keys: torch.Tensor | None = None         # [n, N, Dh] keys averaged over heads
+
+
+def _load_chunk(model, features_file, chunk: list[PreparedItem], config: SweepConfig) -> _Chunk:
+    """Read one chunk's cached signals once (projecting the features where the scorer keeps
+    projected rows); every k of the grid reuses them."""
     order = np.argsort([it.cache_row for it in chunk], kind="stable")
     rows = [chunk[j].cache_row for j in order]
-    feats = features_file["features"][rows]
-    scores = features_file[f"scores/{config.scorer}"][rows]
     back = np.empty_like(order)
     back[order] = np.arange(len(order))
-    feats, scores = feats[back], scores[back]
+
+    def read(name: str, dtype: torch.dtype) -> torch.Tensor:
+        # h5py reads ascending rows; ``back`` puts them in the chunk's order.
+        block = np.ascontiguousarray(features_file[name][rows][back])
+        return torch.from_numpy(block).to(model.device, dtype)
+
+    signals = _Chunk()
+    feats = read("features", model.dtype)
     with torch.inference_mode():
-        projected = model.project(torch.from_numpy(feats).to(model.device, model.dtype))
-    return projected, torch.from_numpy(np.ascontiguousarray(scores)).to(model.device)
+        if config.scorer != "visionzip":
+            signals.projected = model.project(feats)
+        if config.scorer in RANKING_SCORERS:
+            signals.scores = read(f"scores/{config.scorer}", torch.float32)
+            return signals
+        signals.features = feats
+        signals.attention = read("scores/cls", torch.float32)
+        if config.scorer == "visionzip":
+            signals.cls_feature = read("cls_features", model.dtype)
+            signals.keys = read("keys", torch.float32)
+    return signals
 
 
 def _merge(store: cache.PartStore, run: _Run) -> list[KResult]:
@@ -890,6 +981,7 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "extract_fingerprint": str(run.extract_attrs.get("fingerprint", "")),
         "model_id": run.model_name,
         "scorer": config.scorer,
+        "selection": json.dumps(selection_plan(config)),
         "random_init": bool(model.identity.get("random_init")),
         "layers": np.asarray(run.layers, dtype=np.int64),
         "num_layers": int(model.num_layers),
@@ -911,7 +1003,7 @@ def sweep_inputs(config: SweepConfig, model, items: list[PreparedItem],
 
     decode = decode_settings(config, model)
     prompts = [[it.question.question_id, it.prompt, it.prefix, it.suffix] for it in items]
-    return {
+    inputs = {
         "schema_version": cache.SWEEP_SCHEMA_VERSION,
         "extract_fingerprint": extract_attrs.get("fingerprint"),
         "model": model_key(model.identity),
@@ -932,6 +1024,10 @@ def sweep_inputs(config: SweepConfig, model, items: list[PreparedItem],
         "layers": resolve_layers(config.layers, model.num_layers),
         "captures": check_captures(config.captures),
     }
+    if config.scorer in PER_K_SCORERS:
+        # The ranking scorers' rule is the scorer's name; these depend on their settings too.
+        inputs["selection"] = selection_plan(config)
+    return inputs
 
 
 def answer_key_digest(problems: dict, items: list[PreparedItem]) -> str:

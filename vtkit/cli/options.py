@@ -82,7 +82,16 @@ ImageModeOpt = Annotated[ImageMode | None, typer.Option(
                          "(resize + centre crop, as llava-hf and the published 66.8).")]
 ScorerOpt = Annotated[Scorer, typer.Option(
     "--scorer", help="Importance score: l2 (projected feature norm), cls (CLIP [CLS] attention), "
-                     "random (seeded), uniform (spread over the grid).")]
+                     "random (seeded), uniform (spread over the grid); or a published method: "
+                     "divprune, vispruner, visionzip (docs/scorers.md).")]
+ImportantRatioOpt = Annotated[float | None, typer.Option(
+    "--important-ratio",
+    help="vispruner: share of k kept by [CLS] attention, the rest by diversity (default: 0.5 "
+         "for k >= 128, 0.75 for k <= 64, linear between, as its README).")]
+ContextualRatioOpt = Annotated[float | None, typer.Option(
+    "--contextual-ratio",
+    help="visionzip: share of k given to merged contextual tokens, the rest dominant ([CLS] "
+         "included) (default: 10/64, as its README's 54 + 10).")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Recompute even if an existing cache was made from other inputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
