@@ -9,7 +9,10 @@ conversation templates, which carry their text, live in :mod:`vtkit.prompts` (it
 from pathlib import Path
 
 #: Importance scorers `vtkit extract` stores and `vtkit sweep --scorer` chooses from.
-SCORERS = ("l2", "cls", "random", "uniform")
+SCORERS = ("l2", "cls", "random", "uniform", "fastv", "dart")
+#: The scorers that prune inside the language model, at decoder layer --prune-layer
+#: (:mod:`vtkit.inllm`); extract stores no scores for them.
+IN_LLM_SCORERS = ("fastv", "dart")
 #: The --image-mode values (see :mod:`vtkit.images`).
 IMAGE_MODES = ("pad", "crop")
 #: The --dtype names (the library also takes torch's aliases, e.g. fp16).
@@ -34,6 +37,8 @@ DEFAULT_SEED = 0
 DEFAULT_DEVICE = "auto"
 #: The importance score that ranks visual tokens: the L2 norm of the projected feature.
 DEFAULT_SCORER = "l2"
+#: The decoder layer before which fastv and dart prune (both official LLaVA-1.5 scripts use 2).
+DEFAULT_PRUNE_LAYER = 2
 #: The conversation template of the official LLaVA-1.5 ScienceQA evaluation.
 DEFAULT_CONV_MODE = "vicuna_v1"
 #: The official evaluation appends the single-prediction instruction to every question.

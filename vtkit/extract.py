@@ -26,12 +26,17 @@ from vtkit.defaults import (
     DEFAULT_OUTPUT_DIR,
     DEFAULT_SEED,
     DEFAULT_SPLIT,
+    IN_LLM_SCORERS,
 )
 from vtkit.errors import DataError, UsageError
 from vtkit.images import check_image_mode, load_image, preprocess_images
 from vtkit.parallel import init_workers
 from vtkit.progress import Reporter
-from vtkit.pruning import SCORERS, l2_scores, random_scores, uniform_scores
+from vtkit.pruning import SCORERS as ALL_SCORERS
+from vtkit.pruning import l2_scores, random_scores, uniform_scores
+
+#: The scorers whose scores extract stores (the in-LLM ones score inside the sweep).
+SCORERS = tuple(s for s in ALL_SCORERS if s not in IN_LLM_SCORERS)
 
 
 @dataclass

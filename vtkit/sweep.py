@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from vtkit import cache
+from vtkit import cache, inllm
 from vtkit.cache import (
     ANSWERS_DIR,
     FEATURES_FILE,
@@ -53,11 +53,13 @@ from vtkit.defaults import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_SAMPLES,
     DEFAULT_OUTPUT_DIR,
+    DEFAULT_PRUNE_LAYER,
     DEFAULT_SCORER,
     DEFAULT_SEED,
     DEFAULT_SINGLE_PRED_PROMPT,
     DEFAULT_SPLIT,
     DEFAULT_TEMPERATURE,
+    IN_LLM_SCORERS,
 )
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
@@ -97,6 +99,7 @@ class SweepConfig:
     num_samples: int = DEFAULT_NUM_SAMPLES
     output_dir: Path = DEFAULT_OUTPUT_DIR
     scorer: str = DEFAULT_SCORER
+    prune_layer: int = DEFAULT_PRUNE_LAYER   # fastv/dart prune before this decoder layer
     conv_mode: str = DEFAULT_CONV_MODE
     single_pred_prompt: bool = DEFAULT_SINGLE_PRED_PROMPT
     temperature: float = DEFAULT_TEMPERATURE
@@ -138,6 +141,7 @@ class SweepConfig:
             raise UsageError(f"--keep-attention must be 0 or more, not {self.keep_attention}")
         check_captures(self.captures)
         resolve_layers(self.layers)
+        check_prune_layer(self)
         check_common_flags(self)
 
 
@@ -172,6 +176,18 @@ def check_tokens(tokens: list[int], num_patches: int | None = None) -> None:
         limit = num_patches if num_patches is not None else "the number of patches"
         raise UsageError(f"--tokens/--max: k={bad[0]} is outside 1..{limit}, the number of "
                          f"visual tokens of this model")
+
+
+def check_prune_layer(config: SweepConfig, num_layers: int | None = None) -> None:
+    """--prune-layer of an in-LLM scorer: at least 1 (the signal is layer K-1's) and below the
+    model's decoder layer count (when known); ignored by the other scorers."""
+    if config.scorer not in IN_LLM_SCORERS:
+        return
+    top = "" if num_layers is None else f"..{num_layers - 1}"
+    if config.prune_layer < 1 or (num_layers is not None and config.prune_layer >= num_layers):
+        raise UsageError(f"--prune-layer {config.prune_layer} is outside 1{top}: {config.scorer} "
+                         f"reads layer K-1 and prunes before layer K of this model's "
+                         f"{num_layers or 'decoder'} layers")
 
 
 def check_captures(captures: list[str]) -> list[str]:
@@ -222,6 +238,7 @@ def check_model_fit(config: SweepConfig, model=None) -> None:
     if model is not None:
         check_tokens(config.tokens, model.num_patches)
         resolve_layers(config.layers, model.num_layers)
+        check_prune_layer(config, model.num_layers)
         return
     from vtkit.model import checkpoint_num_layers, checkpoint_num_patches
 
@@ -229,6 +246,7 @@ def check_model_fit(config: SweepConfig, model=None) -> None:
     num_layers = checkpoint_num_layers(config.model_path)
     if num_layers is not None:
         resolve_layers(config.layers, num_layers)
+        check_prune_layer(config, num_layers)
 
 
 @dataclass
@@ -578,10 +596,17 @@ class _BatchRunner:
         """A batch of (image question, k) rows of a loaded chunk (``local``: question index ->
         row of ``projected``); returns its prefill tokens."""
         items, ks = [it for it, _ in batch], [k for _, k in batch]
-        with self.timer.phase("select"):
-            visual = _select(projected, scores, [local[it.index] for it in items], ks)
-        answers, captured, n = run_batch(self.model, items, visual, self.config, self.capture,
-                                         ks, self.timer)
+        rows = [local[it.index] for it in items]
+        if self.config.scorer in IN_LLM_SCORERS:
+            # Every row enters with all its visual rows; the method prunes inside the model.
+            answers, captured, n = inllm.run_batch(
+                self.model, items, [projected[r] for r in rows], self.config, self.capture, ks,
+                self.config.scorer, self.config.prune_layer, self.timer)
+        else:
+            with self.timer.phase("select"):
+                visual = _select(projected, scores, rows, ks)
+            answers, captured, n = run_batch(self.model, items, visual, self.config,
+                                             self.capture, ks, self.timer)
         # Float64 Gram matrices [B, k_max, k_max] of every captured slot, held until written.
         nbytes = sum(8 * c.shape[0] * c.shape[1] ** 2 for c in captured.values())
         with self.timer.phase("spectra"):
@@ -737,7 +762,9 @@ def _load_chunk(model, features_file, chunk: list[PreparedItem], config: SweepCo
     order = np.argsort([it.cache_row for it in chunk], kind="stable")
     rows = [chunk[j].cache_row for j in order]
     feats = features_file["features"][rows]
-    scores = features_file[f"scores/{config.scorer}"][rows]
+    # The in-LLM scorers score inside the language model: a placeholder row per question.
+    scores = (np.zeros((len(rows), 1), np.float32) if config.scorer in IN_LLM_SCORERS
+              else features_file[f"scores/{config.scorer}"][rows])
     back = np.empty_like(order)
     back[order] = np.arange(len(order))
     feats, scores = feats[back], scores[back]
@@ -866,6 +893,8 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "hidden_size": int(model.hidden_size),
         "complete": True,
     })
+    if config.scorer in IN_LLM_SCORERS:
+        attrs["pruning"] = json.dumps(in_llm_pruning(config, model))
     cache.write_h5_atomic(run.final, arrays, attrs, kept=cache.PARTS_KEPT)
 
 
@@ -900,6 +929,24 @@ def sweep_inputs(config: SweepConfig, model, items: list[PreparedItem],
         "keep_attention": config.keep_attention,
         "layers": resolve_layers(config.layers, model.num_layers),
         "captures": check_captures(config.captures),
+        **({"prune_layer": config.prune_layer} if config.scorer in IN_LLM_SCORERS else {}),
+    }
+
+
+def in_llm_pruning(config: SweepConfig, model) -> dict:
+    """What k means for an in-LLM scorer, recorded in sweep.h5 (attribute ``pruning``) and
+    raw_results.json: the image tokens kept from decoder layer ``prune_layer`` on (the layers
+    before it see all of them), and the layer-averaged count papers print."""
+    from vtkit.flops import equivalent_tokens
+
+    return {
+        "stage": "inside the language model",
+        "prune_layer": config.prune_layer,
+        "token_counts": f"image tokens kept from decoder layer {config.prune_layer} on; layers "
+                        f"0..{config.prune_layer - 1} see all {model.num_patches}",
+        "visual_tokens_before": int(model.num_patches),
+        "equivalent_tokens": [equivalent_tokens(k, model.num_layers, config.prune_layer,
+                                                model.num_patches) for k in config.tokens],
     }
 
 

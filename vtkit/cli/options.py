@@ -82,7 +82,13 @@ ImageModeOpt = Annotated[ImageMode | None, typer.Option(
                          "(resize + centre crop, as llava-hf and the published 66.8).")]
 ScorerOpt = Annotated[Scorer, typer.Option(
     "--scorer", help="Importance score: l2 (projected feature norm), cls (CLIP [CLS] attention), "
-                     "random (seeded), uniform (spread over the grid).")]
+                     "random (seeded), uniform (spread over the grid); inside the language "
+                     "model at --prune-layer: fastv (last prompt token's attention), dart "
+                     "(least duplicated to pivot tokens).")]
+PruneLayerOpt = Annotated[int, typer.Option(
+    "--prune-layer", min=1,
+    help="fastv/dart: decoder layer from which only the k kept image tokens are seen (layers "
+         "before it see all; the signal is layer K-1's).")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Recompute even if an existing cache was made from other inputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]

@@ -23,6 +23,7 @@ from vtkit.cli.options import (
     ModelPathOpt,
     NumSamplesOpt,
     OutputDirOpt,
+    PruneLayerOpt,
     QuestionFileOpt,
     RandomInitOpt,
     ScorerOpt,
@@ -51,6 +52,7 @@ from vtkit.defaults import (
     DEFAULT_MODEL,
     DEFAULT_NUM_SAMPLES,
     DEFAULT_OUTPUT_DIR,
+    DEFAULT_PRUNE_LAYER,
     DEFAULT_SCORER,
     DEFAULT_SEED,
     DEFAULT_SINGLE_PRED_PROMPT,
@@ -75,6 +77,7 @@ def run(
     step: StepOpt = DEFAULT_STEP,
     tokens: TokensOpt = None,
     scorer: ScorerOpt = DEFAULT_SCORER,
+    prune_layer: PruneLayerOpt = DEFAULT_PRUNE_LAYER,
     conv_mode: ConvModeOpt = DEFAULT_CONV_MODE,
     single_pred_prompt: SinglePredPromptOpt = DEFAULT_SINGLE_PRED_PROMPT,
     temperature: TemperatureOpt = DEFAULT_TEMPERATURE,
@@ -117,6 +120,7 @@ def run(
                                    seed=seed)
     sweep_config = SweepConfig(
         **common, tokens=resolve_tokens(min_tokens, max_tokens, step, tokens), scorer=scorer,
+        prune_layer=prune_layer,
         conv_mode=conv_mode, single_pred_prompt=single_pred_prompt, temperature=temperature,
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
         token_budget=token_budget, keep_attention=keep_attention, layers=layers,
