@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from vtkit.errors import UsageError
 from vtkit.generate import (
     Prefill,
     PreparedItem,
@@ -133,6 +134,10 @@ class PrunedLM:
         # transformers renamed the decoder layer's cache argument within 5.x.
         self.cache_argument = "cache" if "cache" in params else "past_key_values"
         self.implementation = getattr(self.lm.config, "_attn_implementation", "sdpa")
+        if self.implementation not in ("sdpa", "eager"):
+            # Other kernels read 2D masks or none: the pruned rows' masks would be ignored.
+            raise UsageError(f"--scorer fastv/dart need sdpa or eager attention; this model "
+                             f"uses {self.implementation}")
 
     def mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A [B, 1, Lq, Lk] attention mask from ``allowed`` [B, Lq, Lk]: boolean for SDPA,
