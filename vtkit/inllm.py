@@ -173,28 +173,28 @@ def _causal(valid: torch.Tensor) -> torch.Tensor:
 
 
 def _embed(model, items: list[PreparedItem], visual: list[torch.Tensor]):
-    """The spliced, left-padded batch: embeddings, mask, positions, each row's image start."""
+    """The spliced, left-padded batch: embeddings, mask, positions, each row's image start
+    (a list, so that per-row work needs no device sync)."""
     embed, device = model.embed_tokens, model.device
     sequences = [splice_sequence(embed(torch.tensor(it.prefix, device=device)), v,
                                  embed(torch.tensor(it.suffix, device=device)))
                  for it, v in zip(items, visual, strict=True)]
     embeds, mask, positions = left_pad(sequences)
-    starts = torch.tensor([embeds.shape[1] - s.shape[0] + len(it.prefix)
-                           for s, it in zip(sequences, items, strict=True)], device=device)
+    starts = [embeds.shape[1] - s.shape[0] + len(it.prefix)
+              for s, it in zip(sequences, items, strict=True)]
     return embeds, mask.bool(), positions, starts
 
 
 def _signal_rows(runner: PrunedLM, method: str, hidden_in: torch.Tensor, hidden_out: torch.Tensor,
-                 positions: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor,
+                 positions: torch.Tensor, valid: torch.Tensor, starts: list[int],
                  count: int, cache: LayerCache, ks: list[int]) -> list[torch.Tensor]:
     """Each row's kept image indices (0..count-1, raster order) from layer K-1."""
-    layer = runner.prune_layer - 1
-    image = starts[:, None] + torch.arange(count, device=starts.device)[None]
-    keep = [torch.arange(count, device=starts.device)] * len(ks)
+    layer, device = runner.prune_layer - 1, valid.device
+    keep = [torch.arange(count, device=device)] * len(ks)
     need = [j for j, k in enumerate(ks) if k < count]
     if not need:
         return keep
-    rows = torch.tensor(need, device=starts.device)
+    rows = torch.tensor(need, device=device)
     keys = cache.keys[layer][rows]
     if method == "fastv":
         attention = runner.layers[layer].self_attn
@@ -203,14 +203,14 @@ def _signal_rows(runner: PrunedLM, method: str, hidden_in: torch.Tensor, hidden_
         cos, sin = runner.lm.rotary_emb(normed, positions[rows, -1:])
         query = query * cos[:, None] + _rotate_half(query) * sin[:, None]
         weights = head_mean_attention(query[:, :, 0], keys, valid[rows], attention.scaling)
-        for j, row in zip(need, gather_rows(weights[..., None], image[rows])[..., 0], strict=True):
-            keep[j] = fastv_select(row, ks[j])
+        for i, j in enumerate(need):
+            keep[j] = fastv_select(weights[i, starts[j]:starts[j] + count], ks[j])
         return keep
     norms = keys.float().abs().sum(-1).sum(1)       # L1 over every head's key: [b, L]
     states = runner.lm.norm(hidden_out[rows])
     length = valid.shape[1]
     for i, j in enumerate(need):
-        start, end = int(starts[j]), int(starts[j]) + count
+        start, end = starts[j], starts[j] + count
         keep[j] = dart_select(norms[i, start:end], norms[i, end:length], states[i, start:end],
                               states[i, end:length], ks[j])
     return keep
@@ -222,13 +222,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _prune(hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-           starts: torch.Tensor, count: int, keep: list[torch.Tensor]):
+           starts: list[int], count: int, keep: list[torch.Tensor]):
     """Each row's text and kept image rows, left-padded again: (hidden, original positions,
     valid, index of each kept row in the pruned batch [B, k_max])."""
     length = valid.shape[1]
     kept = valid.clone()
-    for j, chosen in enumerate(keep):
-        start = int(starts[j])
+    for j, (start, chosen) in enumerate(zip(starts, keep, strict=True)):
         kept[j, start:start + count] = False
         kept[j, start + chosen] = True
     lengths = kept.sum(-1)
@@ -246,18 +245,18 @@ def _prune(hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
     k_max = max(int(c.shape[0]) for c in keep)
     rank = kept.long().cumsum(-1) - 1
     rows = torch.stack([torch.nn.functional.pad(
-        rank[j, int(starts[j]) + c], (0, k_max - c.shape[0]), value=int(rank[j, -1]))
+        rank[j, starts[j] + c], (0, k_max - c.shape[0]), value=0)
         for j, c in enumerate(keep)]) + shift
     return new_hidden, new_positions, new_valid, rows
 
 
-def _image_rows(starts: torch.Tensor, keep: list[torch.Tensor]) -> tuple[torch.Tensor,
-                                                                         torch.Tensor]:
+def _image_rows(keep: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, k_max] kept image indices (past a row's k, its last one repeated) and validity."""
     k_max = max(int(c.shape[0]) for c in keep)
     index = torch.stack([torch.cat([c, c[-1:].expand(k_max - c.shape[0])]) for c in keep])
-    valid = torch.arange(k_max, device=starts.device)[None] < torch.tensor(
-        [c.shape[0] for c in keep], device=starts.device)[:, None]
+    device = keep[0].device
+    valid = torch.arange(k_max, device=device)[None] < torch.tensor(
+        [c.shape[0] for c in keep], device=device)[:, None]
     return index, valid
 
 
@@ -272,10 +271,10 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor], ks: li
     count = int(visual[0].shape[0])
     embeds, valid, positions, starts = _embed(model, items, visual)
     cache = LayerCache(len(runner.layers))
-    image_all = starts[:, None] + torch.arange(count, device=starts.device)[None]
-    if capture is not None:
-        capture.rows, capture.valid, capture.captured = image_all, torch.ones_like(
-            image_all, dtype=torch.bool), {}
+    if capture is not None:     # all image rows until the kept ones are known
+        capture.rows = torch.tensor(starts, device=model.device)[:, None] + torch.arange(
+            count, device=model.device)[None]
+        capture.valid, capture.captured = torch.ones_like(capture.rows, dtype=torch.bool), {}
     try:
         hidden, hidden_in = runner.run(embeds, positions, _causal(valid), range(prune_layer), cache)
         keep = _signal_rows(runner, method, hidden_in, hidden, positions, valid, starts, count,
@@ -284,7 +283,7 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor], ks: li
                                                         keep)
         captured = {}
         if capture is not None:
-            index, kvalid = _image_rows(starts, keep)
+            index, kvalid = _image_rows(keep)
             captured = {slot: gather_rows(block, index).masked_fill(~kvalid[..., None], 0)
                         for slot, block in capture.captured.items()}
             capture.rows, capture.valid, capture.captured = rows, kvalid, {}
