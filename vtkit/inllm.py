@@ -295,8 +295,8 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor], ks: li
         if capture is not None:
             capture.rows = None
     logits = model.lm_head(runner.lm.norm(hidden[:, -1]))
-    return Prefill(logits, cache, (valid, new_valid), new_positions, captured,
-                   int(embeds.shape[0] * embeds.shape[1]))
+    return Prefill(logits=logits, past=cache, mask=(valid, new_valid), positions=new_positions,
+                   captured=captured, tokens=int(embeds.shape[0] * embeds.shape[1]))
 
 
 @torch.inference_mode()
