@@ -183,11 +183,13 @@ def check_prune_layer(config: SweepConfig, num_layers: int | None = None) -> Non
     model's decoder layer count (when known); ignored by the other scorers."""
     if config.scorer not in IN_LLM_SCORERS:
         return
-    top = "" if num_layers is None else f"..{num_layers - 1}"
-    if config.prune_layer < 1 or (num_layers is not None and config.prune_layer >= num_layers):
-        raise UsageError(f"--prune-layer {config.prune_layer} is outside 1{top}: {config.scorer} "
-                         f"reads layer K-1 and prunes before layer K of this model's "
-                         f"{num_layers or 'decoder'} layers")
+    if config.prune_layer < 1:
+        raise UsageError(f"--prune-layer must be at least 1 ({config.scorer} reads layer K-1), "
+                         f"not {config.prune_layer}")
+    if num_layers is not None and config.prune_layer >= num_layers:
+        raise UsageError(f"--prune-layer {config.prune_layer} is outside 1..{num_layers - 1}: "
+                         f"{config.scorer} reads layer K-1 and prunes before layer K of this "
+                         f"model's {num_layers} decoder layers")
 
 
 def check_captures(captures: list[str]) -> list[str]:
