@@ -26,6 +26,7 @@ from vtkit.data import select_questions
 from vtkit.demo import DEMO_MODEL_DIR
 from vtkit.generate import ActivationCapture, prepare_items
 from vtkit.generate import run_batch as run_unpruned
+from vtkit.rank import sweep_meta
 from vtkit.sweep import SweepConfig, sweep_inputs
 
 K = 2
@@ -322,10 +323,18 @@ def test_demo_sweep(features_dir, demo_scienceqa, l2_sweep, tmp_path, scorer):
         assert pruning["prune_layer"] == K
         assert pruning["equivalent_tokens"][-1] == pytest.approx((2 * 576 + 4 * 64) / 6)
         assert "pruning" not in g.attrs
+        # rank and plot carry it on (raw_results.json's meta.pruning).
+        assert sweep_meta(f)["pruning"] == pruning and "pruning" not in sweep_meta(g)
         # At k = 576 nothing is pruned: the answers are the pre-LLM path's.
         assert (f["answers"][0] == g["answers"][0]).all()
     for k in (576, 192, 128, 64):
         assert (tmp_path / scorer / cache.ANSWERS_DIR / f"k{k}.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["sweep", "run"])
+def test_the_commands_have_prune_layer(command):
+    result = vtkit(command, "--help")
+    assert result.exit_code == 0 and "--prune-layer" in result.output
 
 
 def test_prune_layer_outside_the_model_is_refused(features_dir, demo_scienceqa, tmp_path):
