@@ -9,12 +9,16 @@ conversation templates, which carry their text, live in :mod:`vtkit.prompts` (it
 from pathlib import Path
 
 #: Every `vtkit sweep --scorer` choice (docs/scorers.md).
-SCORERS = ("l2", "cls", "random", "uniform", "divprune", "vispruner", "visionzip")
+SCORERS = ("l2", "cls", "random", "uniform", "divprune", "vispruner", "visionzip", "fastv",
+           "dart")
 #: The scorers whose selection is a prefix of one ranking: `vtkit extract` stores their scores
 #: (``scores/NAME``), and budget k keeps the top k in raster order.
 RANKING_SCORERS = ("l2", "cls", "random", "uniform", "divprune")
 #: Pre-LLM methods whose selection is computed per k from the cached CLIP signals.
 PER_K_SCORERS = ("vispruner", "visionzip")
+#: The scorers that prune inside the language model, at decoder layer --prune-layer
+#: (:mod:`vtkit.inllm`); extract stores no scores for them.
+IN_LLM_SCORERS = ("fastv", "dart")
 #: The --image-mode values (see :mod:`vtkit.images`).
 IMAGE_MODES = ("pad", "crop")
 #: The --dtype names (the library also takes torch's aliases, e.g. fp16).
@@ -39,6 +43,8 @@ DEFAULT_SEED = 0
 DEFAULT_DEVICE = "auto"
 #: The importance score that ranks visual tokens: the L2 norm of the projected feature.
 DEFAULT_SCORER = "l2"
+#: The decoder layer before which fastv and dart prune (both official LLaVA-1.5 scripts use 2).
+DEFAULT_PRUNE_LAYER = 2
 #: The conversation template of the official LLaVA-1.5 ScienceQA evaluation.
 DEFAULT_CONV_MODE = "vicuna_v1"
 #: The official evaluation appends the single-prediction instruction to every question.

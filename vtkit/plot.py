@@ -339,6 +339,7 @@ def _raw_results(meta: dict[str, Any], ranks: dict[str, Any], token_counts: list
             "layers": meta["layers"],
             "bootstrap_samples": config.bootstrap_samples,
             "bootstrap_seed": config.seed,
+            **({"pruning": meta["pruning"]} if "pruning" in meta else {}),
         },
         "token_counts": token_counts,
         "accuracies": _rounded(accuracy_percent(correct)),

@@ -270,7 +270,10 @@ def open_sweep(output_dir: Path) -> Iterator[h5py.File]:
 def sweep_meta(handle: h5py.File) -> dict[str, Any]:
     """The run description stored in sweep.h5's attributes, as plain JSON-ready values."""
     attrs = handle.attrs
+    # In-LLM scorers record what k means there (vtkit.sweep.in_llm_pruning).
+    pruning = {"pruning": json.loads(attrs["pruning"])} if "pruning" in attrs else {}
     return {
+        **pruning,
         "model_id": str(attrs.get("model_id", "")),
         "scorer": str(attrs.get("scorer", "")),
         "random_init": bool(attrs.get("random_init", False)),

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from vtkit import cache
+from vtkit import cache, inllm
 from vtkit.cache import (
     ANSWERS_DIR,
     FEATURES_FILE,
@@ -54,11 +54,13 @@ from vtkit.defaults import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_SAMPLES,
     DEFAULT_OUTPUT_DIR,
+    DEFAULT_PRUNE_LAYER,
     DEFAULT_SCORER,
     DEFAULT_SEED,
     DEFAULT_SINGLE_PRED_PROMPT,
     DEFAULT_SPLIT,
     DEFAULT_TEMPERATURE,
+    IN_LLM_SCORERS,
     PER_K_SCORERS,
     RANKING_SCORERS,
 )
@@ -108,6 +110,7 @@ class SweepConfig:
     scorer: str = DEFAULT_SCORER
     important_ratio: float | None = None   # vispruner's important share; None: per k (README)
     contextual_ratio: float | None = None  # visionzip's contextual share; None: 10/64 (README)
+    prune_layer: int = DEFAULT_PRUNE_LAYER   # fastv/dart prune before this decoder layer
     conv_mode: str = DEFAULT_CONV_MODE
     single_pred_prompt: bool = DEFAULT_SINGLE_PRED_PROMPT
     temperature: float = DEFAULT_TEMPERATURE
@@ -150,6 +153,7 @@ class SweepConfig:
             raise UsageError(f"--keep-attention must be 0 or more, not {self.keep_attention}")
         check_captures(self.captures)
         resolve_layers(self.layers)
+        check_prune_layer(self)
         check_common_flags(self)
 
 
@@ -218,6 +222,20 @@ def selection_plan(config: SweepConfig) -> dict:
                                              f"{config.scorer} of features.h5), projected"}
 
 
+def check_prune_layer(config: SweepConfig, num_layers: int | None = None) -> None:
+    """--prune-layer of an in-LLM scorer: at least 1 (the signal is layer K-1's) and below the
+    model's decoder layer count (when known); ignored by the other scorers."""
+    if config.scorer not in IN_LLM_SCORERS:
+        return
+    if config.prune_layer < 1:
+        raise UsageError(f"--prune-layer must be at least 1 ({config.scorer} reads layer K-1), "
+                         f"not {config.prune_layer}")
+    if num_layers is not None and config.prune_layer >= num_layers:
+        raise UsageError(f"--prune-layer {config.prune_layer} is outside 1..{num_layers - 1}: "
+                         f"{config.scorer} reads layer K-1 and prunes before layer K of this "
+                         f"model's {num_layers} decoder layers")
+
+
 def check_captures(captures: list[str]) -> list[str]:
     """The --capture names, checked, without repeats and in :data:`CAPTURES` order."""
     if not captures:
@@ -266,6 +284,7 @@ def check_model_fit(config: SweepConfig, model=None) -> None:
     if model is not None:
         check_tokens(config.tokens, model.num_patches)
         resolve_layers(config.layers, model.num_layers)
+        check_prune_layer(config, model.num_layers)
         return
     from vtkit.model import checkpoint_num_layers, checkpoint_num_patches
 
@@ -273,6 +292,7 @@ def check_model_fit(config: SweepConfig, model=None) -> None:
     num_layers = checkpoint_num_layers(config.model_path)
     if num_layers is not None:
         resolve_layers(config.layers, num_layers)
+        check_prune_layer(config, num_layers)
 
 
 @dataclass
@@ -631,11 +651,17 @@ class _BatchRunner:
         """A batch of (image question, k) rows of a loaded chunk (``local``: question index ->
         row of ``chunk``); returns its prefill tokens."""
         items, ks = [it for it, _ in batch], [k for _, k in batch]
-        with self.timer.phase("select"):
-            visual = _select(self.model, self.config, chunk, [local[it.index] for it in items],
-                             ks)
-        answers, captured, n = run_batch(self.model, items, visual, self.config, self.capture,
-                                         ks, self.timer)
+        rows = [local[it.index] for it in items]
+        if self.config.scorer in IN_LLM_SCORERS:
+            # Every row enters with all its visual rows; the method prunes inside the model.
+            answers, captured, n = inllm.run_batch(
+                self.model, items, [chunk.projected[r] for r in rows], self.config,
+                self.capture, ks, self.config.scorer, self.config.prune_layer, self.timer)
+        else:
+            with self.timer.phase("select"):
+                visual = _select(self.model, self.config, chunk, rows, ks)
+            answers, captured, n = run_batch(self.model, items, visual, self.config,
+                                             self.capture, ks, self.timer)
         # Float64 Gram matrices of every captured slot, held until written.
         nbytes = _gram_bytes(captured, ks, self.capture.widths)
         with self.timer.phase("spectra"):
@@ -857,6 +883,8 @@ def _load_chunk(model, features_file, chunk: list[PreparedItem], config: SweepCo
     with torch.inference_mode():
         if config.scorer != "visionzip":
             signals.projected = model.project(feats)
+        if config.scorer in IN_LLM_SCORERS:
+            return signals      # the method scores inside the language model
         if config.scorer in RANKING_SCORERS:
             signals.scores = read(f"scores/{config.scorer}", torch.float32)
             return signals
@@ -989,6 +1017,8 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "hidden_size": int(model.hidden_size),
         "complete": True,
     })
+    if config.scorer in IN_LLM_SCORERS:
+        attrs["pruning"] = json.dumps(in_llm_pruning(config, model))
     cache.write_h5_atomic(run.final, arrays, attrs, kept=cache.PARTS_KEPT)
 
 
@@ -1023,11 +1053,29 @@ def sweep_inputs(config: SweepConfig, model, items: list[PreparedItem],
         "keep_attention": config.keep_attention,
         "layers": resolve_layers(config.layers, model.num_layers),
         "captures": check_captures(config.captures),
+        **({"prune_layer": config.prune_layer} if config.scorer in IN_LLM_SCORERS else {}),
     }
     if config.scorer in PER_K_SCORERS:
         # The ranking scorers' rule is the scorer's name; these depend on their settings too.
         inputs["selection"] = selection_plan(config)
     return inputs
+
+
+def in_llm_pruning(config: SweepConfig, model) -> dict:
+    """What k means for an in-LLM scorer, recorded in sweep.h5 (attribute ``pruning``) and
+    raw_results.json: the image tokens kept from decoder layer ``prune_layer`` on (the layers
+    before it see all of them), and the layer-averaged count papers print."""
+    from vtkit.flops import equivalent_tokens
+
+    return {
+        "stage": "inside the language model",
+        "prune_layer": config.prune_layer,
+        "token_counts": f"image tokens kept from decoder layer {config.prune_layer} on; layers "
+                        f"0..{config.prune_layer - 1} see all {model.num_patches}",
+        "visual_tokens_before": int(model.num_patches),
+        "equivalent_tokens": [equivalent_tokens(k, model.num_layers, config.prune_layer,
+                                                model.num_patches) for k in config.tokens],
+    }
 
 
 def answer_key_digest(problems: dict, items: list[PreparedItem]) -> str:

@@ -82,8 +82,10 @@ ImageModeOpt = Annotated[ImageMode | None, typer.Option(
                          "(resize + centre crop, as llava-hf and the published 66.8).")]
 ScorerOpt = Annotated[Scorer, typer.Option(
     "--scorer", help="Importance score: l2 (projected feature norm), cls (CLIP [CLS] attention), "
-                     "random (seeded), uniform (spread over the grid); or a published method: "
-                     "divprune, vispruner, visionzip (docs/scorers.md).")]
+                     "random (seeded), uniform (spread over the grid); a published method "
+                     "before the language model: divprune, vispruner, visionzip; or inside it "
+                     "at --prune-layer: fastv (last prompt token's attention), dart (least "
+                     "duplicated to pivot tokens) (docs/scorers.md).")]
 ImportantRatioOpt = Annotated[float | None, typer.Option(
     "--important-ratio",
     help="vispruner: share of k kept by [CLS] attention, the rest by diversity (default: 0.5 "
@@ -92,6 +94,10 @@ ContextualRatioOpt = Annotated[float | None, typer.Option(
     "--contextual-ratio",
     help="visionzip: share of k given to merged contextual tokens, the rest dominant ([CLS] "
          "included) (default: 10/64, as its README's 54 + 10).")]
+PruneLayerOpt = Annotated[int, typer.Option(
+    "--prune-layer", min=1,
+    help="fastv/dart: decoder layer from which only the k kept image tokens are seen (layers "
+         "before it see all; the signal is layer K-1's).")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Recompute even if an existing cache was made from other inputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
