@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from vtkit.cache import output_lock
 from vtkit.extract import ExtractConfig, ExtractResult, extract
 from vtkit.parallel import init_workers
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
-from vtkit.sweep import SweepConfig, SweepResult, check_model_fit, sweep
+from vtkit.sweep import SweepConfig, SweepResult, check_model_fit, seed_configs, sweep
 
 if TYPE_CHECKING:
     from vtkit.plot import PlotConfig, PlotResult
@@ -88,12 +88,47 @@ def run_pipeline(extract_config: ExtractConfig, sweep_config: SweepConfig,
         meter = _StageMeter(model.device)
         with meter.stage("extract"):
             extracted = extract(extract_config, reporter, model=model)
-        with meter.stage("sweep"):
-            swept = sweep(sweep_config, reporter, model=model, timer=timer)
-        result = PipelineResult(extracted, swept, seconds=meter.seconds,
-                                peak_memory=meter.peak_memory)
-        if workers.is_main:
-            _rank_and_plot(rank_config, plot_config, reporter, meter, result)
+        return _after_extract(extracted, sweep_config, rank_config, plot_config, reporter,
+                              model, timer, meter, workers.is_main)
+
+
+def run_seeds(extract_config: ExtractConfig, sweep_config: SweepConfig, seeds: list[int],
+              rank_config: RankConfig | None = None, plot_config: PlotConfig | None = None,
+              *, reporter: Reporter | None = None, model=None) -> list[PipelineResult]:
+    """:func:`run_pipeline` for the random scorer over several seeds: extract once into the
+    output dir, then sweep, rank and plot each seed into its own ``seed{N}/`` there
+    (:func:`vtkit.sweep.seed_configs`). One result per seed; the first carries the extract."""
+    seeded = seed_configs(sweep_config, seeds)
+    check_configs(extract_config, sweep_config, rank_config, plot_config, model)
+    reporter = reporter or Reporter()
+    results = []
+    with output_lock(extract_config.output_dir):
+        workers = init_workers(extract_config.device)
+        if model is None:
+            model = _load(extract_config, workers.device(extract_config.device))
+        meter = _StageMeter(model.device)
+        with meter.stage("extract"):
+            extracted = extract(extract_config, reporter, model=model)
+        for config in seeded:
+            stage = {name: replace(c, output_dir=config.output_dir) if c is not None else None
+                     for name, c in (("rank", rank_config), ("plot", plot_config))}
+            results.append(_after_extract(extracted, config, stage["rank"], stage["plot"],
+                                          reporter, model, None, meter, workers.is_main))
+            meter = _StageMeter(model.device)
+    return results
+
+
+def _after_extract(extracted: ExtractResult, sweep_config: SweepConfig,
+                   rank_config: RankConfig | None, plot_config: PlotConfig | None,
+                   reporter: Reporter, model, timer, meter: _StageMeter,
+                   is_main: bool) -> PipelineResult:
+    """Sweep, then on the main process rank and plot where their configs are given."""
+    with meter.stage("sweep"):
+        swept = sweep(sweep_config, reporter, model=model, timer=timer)
+    result = PipelineResult(extracted, swept, seconds=meter.seconds,
+                            peak_memory=meter.peak_memory)
+    if is_main:
+        _rank_and_plot(rank_config, plot_config, reporter, meter, result)
     return result
 
 

@@ -359,8 +359,17 @@ def _normalized_results(raw: dict[str, Any],
     """The normalized_results.json document, and the series that were constant over k."""
     normalized = dict(raw)
     constant = []
+    # k = 0 (no visual token) is left out of every min and max, so adding the floor to a grid
+    # does not move the other points; its accuracy goes on the same scale (it may fall below 0).
+    swept = np.asarray(raw["token_counts"]) > 0
+    swept |= not swept.any()    # a grid of k = 0 alone: nothing else to scale by
     for key, normalized_key in NORMALIZED_SERIES.items():
-        values, is_constant = min_max_normalize(np.array(raw[key], dtype=np.float64))
+        series = _floats(raw[key])
+        values, is_constant = min_max_normalize(series[swept])
+        if not swept.all():
+            low, high = np.nanmin(series[swept]), np.nanmax(series[swept])
+            values = (series - low) / (high - low) if not is_constant else np.where(
+                swept, 0.0, series - low)
         normalized[normalized_key] = _rounded(values)
         if is_constant:
             constant.append(key)
@@ -466,7 +475,8 @@ def _results_figure(normalized: dict[str, Any], title: str) -> Figure:
         axes.plot(k, _floats(normalized[key]), color=color, label=label, marker="o",
                   markersize=3, linewidth=1.5, clip_on=False)
     _k_axis(axes, k)
-    axes.set_ylim(0.0, 1.0)
+    # Accuracy at k = 0, on the scale of the swept k, may lie below 0.
+    axes.set_ylim(min(0.0, float(np.nanmin(_floats(normalized["normalized_accuracies"])))), 1.0)
     axes.set_ylabel("Min-max normalised value")
     axes.legend(loc="best")
     return figure
@@ -484,8 +494,7 @@ def _raw_figure(raw: dict[str, Any], title: str) -> Figure:
     axes.set_ylabel("Accuracy (%)", color="tab:blue")
     ranks = axes.twinx()
     for layer, (label, color) in LAYER_STYLES.items():
-        mean = np.array(raw[f"{layer}_ranks"], dtype=np.float64)
-        std = np.array(raw[f"{layer}_ranks_std"], dtype=np.float64)
+        mean, std = _floats(raw[f"{layer}_ranks"]), _floats(raw[f"{layer}_ranks_std"])
         ranks.fill_between(k, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
         ranks.plot(k, mean, color=color, marker="s", markersize=3, label=f"{label} (mean ± std)")
     ranks.set_ylabel(f"Numerical rank (threshold {raw['meta']['threshold']:g})")
