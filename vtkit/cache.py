@@ -78,6 +78,10 @@ RESULTS_FIGURE = FIGURE_PREFIX + "results"
 RAW_FIGURE = FIGURE_PREFIX + "raw"
 COMPARE_FIGURE = FIGURE_PREFIX + "compare"
 FIGURE_FORMATS = ("png", "pdf")
+#: `vtkit compare`'s outputs, in its own output dir.
+COMPARISON_FIGURE = "comparison"
+COMPARISON_TABLE = "comparison.md"
+COMPARISON_JSON = "comparison.json"
 #: The depth figures of `vtkit plot` (ranks.json with more than two layers): one depth x k
 #: heatmap per measure (:func:`heatmap_figure`) and the rank curves of selected layers.
 HEATMAP_FIGURE_PREFIX = "rank_heatmap_"

@@ -61,6 +61,7 @@ from vtkit.defaults import (
 )
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
+from vtkit.flops import LMShape
 from vtkit.generate import (
     ActivationCapture,
     PreparedItem,
@@ -903,6 +904,8 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "token_counts": np.asarray(config.tokens, dtype=np.int32),
         "question_ids": [it.question.question_id for it in run.items],
         "has_image": np.asarray([it.question.has_image for it in run.items], dtype=bool),
+        # Prompt tokens without the visual rows, for the FLOPs per question of `vtkit compare`.
+        "text_tokens": np.asarray([it.text_length for it in run.items], dtype=np.int32),
         "correct": correct,
         "answers": answers,
     }
@@ -924,6 +927,8 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "num_layers": int(model.num_layers),
         "captures": json.dumps(run.captures),
         "hidden_size": int(model.hidden_size),
+        "num_patches": int(model.num_patches),
+        "lm_shape": json.dumps(asdict(LMShape.from_config(model.language_model.config))),
         "complete": True,
     })
     cache.write_h5_atomic(run.final, arrays, attrs, kept=cache.PARTS_KEPT)
