@@ -42,14 +42,14 @@ from vtkit.cache import (
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.flops import LMShape, equivalent_tokens, prefill_flops
 from vtkit.plot import (
-    _floats,
-    _load_ranks,
-    _read_correct,
-    _run_settings,
-    _save,
     accuracy_percent,
     bootstrap_accuracy_band,
     compare_differences,
+    float_series,
+    load_ranks,
+    read_correct,
+    run_settings,
+    save_figure,
 )
 from vtkit.progress import Reporter
 from vtkit.rank import open_sweep
@@ -179,7 +179,7 @@ def find_runs(run_dir: Path) -> list[Path]:
 
 def read_run(path: Path, reporter: Reporter) -> Run:
     """A finished sweep's answers, config and shape, and its ranks.json if it has one."""
-    meta, token_counts, correct, has_image = _read_correct(path)
+    meta, token_counts, correct, has_image = read_correct(path)
     with open_sweep(path) as handle:
         config = json.loads(handle.attrs.get("config", "{}"))
         ids = handle["question_ids"].asstr()[()].tolist()
@@ -189,7 +189,7 @@ def read_run(path: Path, reporter: Reporter) -> Run:
     ranks = None
     if (path / RANKS_FILE).is_file():
         try:
-            ranks = _load_ranks(path, meta["sweep_fingerprint"])
+            ranks = load_ranks(path, meta["sweep_fingerprint"])
         except CacheMismatchError as error:
             reporter.warn(f"{error}; its rank curves are left out")
     else:
@@ -237,7 +237,7 @@ def method_series(method: Method, config: CompareConfig) -> dict[str, Any]:
             series[f"{key}_seed_min"], series[f"{key}_seed_max"] = summary["min"], summary["max"]
     if all(r.ranks is not None for r in runs):
         for layer in LAYERS:
-            summary = seed_summary([_floats(r.ranks[layer]["numerical_rank_mean"])
+            summary = seed_summary([float_series(r.ranks[layer]["numerical_rank_mean"])
                                     for r in runs])
             series[f"{layer}_ranks"] = summary["mean"]
             series[f"{layer}_ranks_seed_min"] = summary["min"]
@@ -299,7 +299,7 @@ def compare_runs(config: CompareConfig, reporter: Reporter | None = None) -> Com
     output_dir = Path(config.output_dir)
     methods = [read_method(Path(d), reporter) for d in config.run_dirs]
     _unique_labels(methods)
-    warnings = compare_differences([(r.path, _run_settings(r.path))
+    warnings = compare_differences([(r.path, run_settings(r.path))
                                     for m in methods for r in m.runs])
     blocks, rows, missing = [], [], {}
     for method in methods:
@@ -320,7 +320,7 @@ def compare_runs(config: CompareConfig, reporter: Reporter | None = None) -> Com
     cache.write_json_atomic(output_dir / COMPARISON_JSON, document, indent=2)
     cache.write_text_atomic(output_dir / COMPARISON_TABLE, markdown_table(document))
     files = [output_dir / COMPARISON_JSON, output_dir / COMPARISON_TABLE]
-    files += _save(_comparison_figure(blocks), output_dir / COMPARISON_FIGURE)
+    files += save_figure(_comparison_figure(blocks), output_dir / COMPARISON_FIGURE)
     _report(document, reporter)
     for path in files:
         reporter.info(f"wrote {path}")
