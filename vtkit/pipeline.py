@@ -80,16 +80,8 @@ def run_pipeline(extract_config: ExtractConfig, sweep_config: SweepConfig,
     (:class:`vtkit.progress.PhaseTimer`).
     """
     check_configs(extract_config, sweep_config, rank_config, plot_config, model)
-    reporter = reporter or Reporter()
-    with output_lock(extract_config.output_dir):
-        workers = init_workers(extract_config.device)
-        if model is None:
-            model = _load(extract_config, workers.device(extract_config.device))
-        meter = _StageMeter(model.device)
-        with meter.stage("extract"):
-            extracted = extract(extract_config, reporter, model=model)
-        return _after_extract(extracted, sweep_config, rank_config, plot_config, reporter,
-                              model, timer, meter, workers.is_main)
+    return _extract_then_each(extract_config, [(sweep_config, rank_config, plot_config)],
+                              reporter or Reporter(), model, timer)[0]
 
 
 def run_seeds(extract_config: ExtractConfig, sweep_config: SweepConfig, seeds: list[int],
@@ -100,7 +92,15 @@ def run_seeds(extract_config: ExtractConfig, sweep_config: SweepConfig, seeds: l
     (:func:`vtkit.sweep.seed_configs`). One result per seed; the first carries the extract."""
     seeded = seed_configs(sweep_config, seeds)
     check_configs(extract_config, sweep_config, rank_config, plot_config, model)
-    reporter = reporter or Reporter()
+    runs = [(config, *(replace(c, output_dir=config.output_dir) if c is not None else None
+                       for c in (rank_config, plot_config))) for config in seeded]
+    return _extract_then_each(extract_config, runs, reporter or Reporter(), model, None)
+
+
+def _extract_then_each(extract_config: ExtractConfig, runs: list[tuple], reporter: Reporter,
+                       model, timer) -> list[PipelineResult]:
+    """Hold the output dir, load the model once, extract, then for each (sweep, rank, plot)
+    config: sweep, and on the main process rank and plot where their configs are given."""
     results = []
     with output_lock(extract_config.output_dir):
         workers = init_workers(extract_config.device)
@@ -109,27 +109,16 @@ def run_seeds(extract_config: ExtractConfig, sweep_config: SweepConfig, seeds: l
         meter = _StageMeter(model.device)
         with meter.stage("extract"):
             extracted = extract(extract_config, reporter, model=model)
-        for config in seeded:
-            stage = {name: replace(c, output_dir=config.output_dir) if c is not None else None
-                     for name, c in (("rank", rank_config), ("plot", plot_config))}
-            results.append(_after_extract(extracted, config, stage["rank"], stage["plot"],
-                                          reporter, model, None, meter, workers.is_main))
+        for sweep_config, rank_config, plot_config in runs:
+            with meter.stage("sweep"):
+                swept = sweep(sweep_config, reporter, model=model, timer=timer)
+            result = PipelineResult(extracted, swept, seconds=meter.seconds,
+                                    peak_memory=meter.peak_memory)
+            if workers.is_main:
+                _rank_and_plot(rank_config, plot_config, reporter, meter, result)
+            results.append(result)
             meter = _StageMeter(model.device)
     return results
-
-
-def _after_extract(extracted: ExtractResult, sweep_config: SweepConfig,
-                   rank_config: RankConfig | None, plot_config: PlotConfig | None,
-                   reporter: Reporter, model, timer, meter: _StageMeter,
-                   is_main: bool) -> PipelineResult:
-    """Sweep, then on the main process rank and plot where their configs are given."""
-    with meter.stage("sweep"):
-        swept = sweep(sweep_config, reporter, model=model, timer=timer)
-    result = PipelineResult(extracted, swept, seconds=meter.seconds,
-                            peak_memory=meter.peak_memory)
-    if is_main:
-        _rank_and_plot(rank_config, plot_config, reporter, meter, result)
-    return result
 
 
 def _load(config: ExtractConfig, device: str):

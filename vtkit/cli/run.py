@@ -98,8 +98,8 @@ def run(
 ) -> None:
     """Run extract, sweep, rank and plot in one go (the model is loaded once).
 
-    --json prints the four stages' results as one JSON document on stdout. With --scorer
-    random, --seeds 0,1,2 extracts once and runs sweep, rank and plot once per seed into
+    --json prints the four stages' results as one JSON document on stdout. For the random
+    scorer, --seeds 0,1,2 extracts once and runs sweep, rank and plot once per seed into
     OUTPUT_DIR/seed{N}/ (--json: one document per seed, in a list).
 
     Example (the single-script version's settings): vtkit run --model-path

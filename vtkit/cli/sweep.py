@@ -99,7 +99,7 @@ def sweep(
 
     --layers picks the decoder layers (first,last; all; or indices) and --capture the tensors
     (attn_out, attn_heads, hidden; comma-separated) whose visual rows' spectra are stored.
-    --tokens may hold 0 (no visual token). With --scorer random, --seeds 0,1,2 sweeps once per
+    --tokens may hold 0 (no visual token). For the random scorer, --seeds 0,1,2 sweeps once per
     seed into OUTPUT_DIR/seed{N}/ (rank and plot each; compare them with `vtkit compare`).
 
     Example: vtkit sweep --model-path demo/llava-tiny-hf --base-dir demo/scienceqa
