@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vtkit.cli.main import COMMANDS, app
+from vtkit.defaults import SCORERS
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -93,3 +94,17 @@ def test_comments_and_docs_point_inside_the_repository():
             if line.startswith("## ")][:6] == [
         "## 1. The experiment", "## 2. Data (ScienceQA)", "## 3. Prompt and tokens",
         "## 4. Images", "## 5. Decoding and scoring", "## 6. Checkpoints"]
+
+
+#: The seed's scorers, described in the table of docs/scorers.md; every other has a section.
+BUILT_IN_SCORERS = ("l2", "cls", "random", "uniform")
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_every_scorer_is_in_docs_scorers(name):
+    text = (ROOT / "docs" / "scorers.md").read_text()
+    assert re.search(rf"^\| `{name}`( \(default\))? \|", text, re.MULTILINE), \
+        f"docs/scorers.md: no row for {name} in the table of methods"
+    if name not in BUILT_IN_SCORERS:
+        assert re.search(rf"^## {name}\b", text, re.MULTILINE), \
+            f"docs/scorers.md has no '## {name}' section"

@@ -335,7 +335,7 @@ def test_sweep_checks_its_flags_before_loading_the_model(demo_scienceqa, tmp_pat
     (ExtractConfig("m", Path("b"), device="gpu0"), "--device"),
     (SweepConfig("m", Path("b"), tokens=[]), "--tokens"),
     (SweepConfig("m", Path("b"), tokens=[64, 64]), "--tokens"),
-    (SweepConfig("m", Path("b"), tokens=[0]), "--tokens"),
+    (SweepConfig("m", Path("b"), tokens=[-1]), "--tokens"),
     (SweepConfig("m", Path("b"), tokens=[20], scorer="norm"), "--scorer"),
     (SweepConfig("m", Path("b"), tokens=[20], conv_mode="chatml"), "--conv-mode"),
     (SweepConfig("m", Path("b"), tokens=[20], temperature=-0.1), "--temperature"),

@@ -231,19 +231,19 @@ def test_compare_warns_once_for_each_difference(tmp_path):
 
 
 def test_compare_is_quiet_when_only_the_scorer_differs(tmp_path):
-    from vtkit.plot import _run_settings, compare_differences
+    from vtkit.plot import compare_differences, run_settings
 
     runs = [tmp_path / "l2", tmp_path / "random"]
     write_sweep(runs[0], config=SETTINGS)
     write_sweep(runs[1], scorer="random", seed=1, config=SETTINGS)
-    assert compare_differences([(d, _run_settings(d)) for d in runs]) == []
+    assert compare_differences([(d, run_settings(d)) for d in runs]) == []
     # Same count, other ids; and another question file.
     write_sweep(runs[1], config={**SETTINGS, "question_file": "x/llava_test_QCM-LEA.json"})
     with h5py.File(runs[1] / "sweep.h5", "a") as f:
         del f["question_ids"]
         f.create_dataset("question_ids", data=[f"p{i}" for i in range(10)],
                          dtype=h5py.string_dtype())
-    messages = compare_differences([(d, _run_settings(d)) for d in runs])
+    messages = compare_differences([(d, run_settings(d)) for d in runs])
     assert [m.split(":")[0] for m in messages] == ["the compared runs differ in questions",
                                                    "the compared runs differ in template"]
     assert "QCM-LEA" in messages[1] and "llava_test_CQM-A.json" in messages[1]

@@ -67,6 +67,9 @@ FEATURES_PARTS_DIR = "features.parts"
 SWEEP_FILE = "sweep.h5"
 SWEEP_PARTS_DIR = "sweep.parts"
 ANSWERS_DIR = "answers"
+#: One run per seed of the random scorer (``--seeds``): OUTPUT_DIR/seed{N}/, beside the
+#: features.h5 they share.
+SEED_DIR_PREFIX = "seed"
 RANKS_FILE = "ranks.json"
 RAW_RESULTS_FILE = "raw_results.json"
 NORMALIZED_RESULTS_FILE = "normalized_results.json"
@@ -76,6 +79,10 @@ RESULTS_FIGURE = FIGURE_PREFIX + "results"
 RAW_FIGURE = FIGURE_PREFIX + "raw"
 COMPARE_FIGURE = FIGURE_PREFIX + "compare"
 FIGURE_FORMATS = ("png", "pdf")
+#: `vtkit compare`'s outputs, in its own output dir.
+COMPARISON_FIGURE = "comparison"
+COMPARISON_TABLE = "comparison.md"
+COMPARISON_JSON = "comparison.json"
 #: The depth figures of `vtkit plot` (ranks.json with more than two layers): one depth x k
 #: heatmap per measure (:func:`heatmap_figure`) and the rank curves of selected layers.
 HEATMAP_FIGURE_PREFIX = "rank_heatmap_"
@@ -131,6 +138,11 @@ def attention_dataset(capture: str, layer: int, k: int) -> str:
     """sweep.h5's dataset of the raw rows kept (--keep-attention) of one tensor at one layer and
     one k: [n_keep, k, d] float16."""
     return f"attention/{slot_name(capture, layer)}/{k_name(k)}"
+
+
+def seed_dir(seed: int) -> str:
+    """The sub-directory of one seed's run: ``seed0``."""
+    return f"{SEED_DIR_PREFIX}{seed}"
 
 
 def answers_file(k: int) -> str:

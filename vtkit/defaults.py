@@ -33,6 +33,8 @@ DEFAULT_MODEL = "liuhaotian/llava-v1.5-7b"
 DEFAULT_BASE_DIR = Path("scienceqa")
 #: Where caches, results and figures go when --output-dir and OUTPUT_DIR are not given.
 DEFAULT_OUTPUT_DIR = Path("pruning_results")
+#: Where `vtkit compare` writes its figure and table when --output-dir is not given.
+DEFAULT_COMPARE_DIR = Path("pruning_comparison")
 #: The ScienceQA split (a key of pid_splits.json); the published numbers are on test.
 DEFAULT_SPLIT = "test"
 #: Questions of the split to use; -1 takes them all.

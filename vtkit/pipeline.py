@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from vtkit.cache import output_lock
 from vtkit.extract import ExtractConfig, ExtractResult, extract
 from vtkit.parallel import init_workers
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
-from vtkit.sweep import SweepConfig, SweepResult, check_model_fit, sweep
+from vtkit.sweep import SweepConfig, SweepResult, check_model_fit, seed_configs, sweep
 
 if TYPE_CHECKING:
     from vtkit.plot import PlotConfig, PlotResult
@@ -80,7 +80,28 @@ def run_pipeline(extract_config: ExtractConfig, sweep_config: SweepConfig,
     (:class:`vtkit.progress.PhaseTimer`).
     """
     check_configs(extract_config, sweep_config, rank_config, plot_config, model)
-    reporter = reporter or Reporter()
+    return _extract_then_each(extract_config, [(sweep_config, rank_config, plot_config)],
+                              reporter or Reporter(), model, timer)[0]
+
+
+def run_seeds(extract_config: ExtractConfig, sweep_config: SweepConfig, seeds: list[int],
+              rank_config: RankConfig | None = None, plot_config: PlotConfig | None = None,
+              *, reporter: Reporter | None = None, model=None) -> list[PipelineResult]:
+    """:func:`run_pipeline` for the random scorer over several seeds: extract once into the
+    output dir, then sweep, rank and plot each seed into its own ``seed{N}/`` there
+    (:func:`vtkit.sweep.seed_configs`). One result per seed; the first carries the extract."""
+    seeded = seed_configs(sweep_config, seeds)
+    check_configs(extract_config, sweep_config, rank_config, plot_config, model)
+    runs = [(config, *(replace(c, output_dir=config.output_dir) if c is not None else None
+                       for c in (rank_config, plot_config))) for config in seeded]
+    return _extract_then_each(extract_config, runs, reporter or Reporter(), model, None)
+
+
+def _extract_then_each(extract_config: ExtractConfig, runs: list[tuple], reporter: Reporter,
+                       model, timer) -> list[PipelineResult]:
+    """Hold the output dir, load the model once, extract, then for each (sweep, rank, plot)
+    config: sweep, and on the main process rank and plot where their configs are given."""
+    results = []
     with output_lock(extract_config.output_dir):
         workers = init_workers(extract_config.device)
         if model is None:
@@ -88,13 +109,16 @@ def run_pipeline(extract_config: ExtractConfig, sweep_config: SweepConfig,
         meter = _StageMeter(model.device)
         with meter.stage("extract"):
             extracted = extract(extract_config, reporter, model=model)
-        with meter.stage("sweep"):
-            swept = sweep(sweep_config, reporter, model=model, timer=timer)
-        result = PipelineResult(extracted, swept, seconds=meter.seconds,
-                                peak_memory=meter.peak_memory)
-        if workers.is_main:
-            _rank_and_plot(rank_config, plot_config, reporter, meter, result)
-    return result
+        for sweep_config, rank_config, plot_config in runs:
+            with meter.stage("sweep"):
+                swept = sweep(sweep_config, reporter, model=model, timer=timer)
+            result = PipelineResult(extracted, swept, seconds=meter.seconds,
+                                    peak_memory=meter.peak_memory)
+            if workers.is_main:
+                _rank_and_plot(rank_config, plot_config, reporter, meter, result)
+            results.append(result)
+            meter = _StageMeter(model.device)
+    return results
 
 
 def _load(config: ExtractConfig, device: str):

@@ -136,7 +136,7 @@ def heatmap_matrix(ranks: dict[str, Any], measure: str, normalised: bool,
     """
     by_layer = ranks["measures"][capture or ranks["primary_capture"]]
     layers = sorted(int(layer) for layer in ranks["layers"])
-    matrix = np.array([_floats(by_layer[str(layer)][measure]["mean"]) for layer in layers],
+    matrix = np.array([float_series(by_layer[str(layer)][measure]["mean"]) for layer in layers],
                       dtype=np.float64).reshape(len(layers), len(ranks["token_counts"]))
     if normalised:
         matrix = np.array([_normalize_row(row) for row in matrix]).reshape(matrix.shape)
@@ -192,7 +192,8 @@ class PlotResult:
                 "constant_series": self.constant_series, **self.raw_results}
 
 
-def _load_ranks(output_dir: Path, sweep_fingerprint: str) -> dict[str, Any]:
+def load_ranks(output_dir: Path, sweep_fingerprint: str) -> dict[str, Any]:
+    """A run's ranks.json, refused when it was computed from another sweep.h5."""
     path = output_dir / RANKS_FILE
     if not path.is_file():
         raise DataError(f"{path} not found: run `vtkit rank` first")
@@ -207,7 +208,7 @@ def _load_ranks(output_dir: Path, sweep_fingerprint: str) -> dict[str, Any]:
     return ranks
 
 
-def _read_correct(output_dir: Path) -> tuple[dict[str, Any], list[int], np.ndarray, np.ndarray]:
+def read_correct(output_dir: Path) -> tuple[dict[str, Any], list[int], np.ndarray, np.ndarray]:
     """Meta, token counts, correct [n_k, n_q] and has_image [n_q] from a finished sweep.h5."""
     with open_sweep(output_dir) as handle:
         meta = sweep_meta(handle)
@@ -234,8 +235,8 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
     """
     reporter = reporter or Reporter()
     output_dir = Path(config.output_dir)
-    meta, token_counts, correct, has_image = _read_correct(output_dir)
-    ranks = _load_ranks(output_dir, meta["sweep_fingerprint"])
+    meta, token_counts, correct, has_image = read_correct(output_dir)
+    ranks = load_ranks(output_dir, meta["sweep_fingerprint"])
     if ranks.get("token_counts") != token_counts:
         raise CacheMismatchError(f"{output_dir / RANKS_FILE} has other token counts than "
                                  f"{output_dir / SWEEP_FILE}: re-run `vtkit rank`")
@@ -243,7 +244,7 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
     others = [(Path(d), _load_run(Path(d))) for d in config.compare
               if Path(d).resolve() != output_dir.resolve()]
     if others:
-        runs = [(output_dir, _run_settings(output_dir)), *((d, r["settings"]) for d, r in others)]
+        runs = [(output_dir, run_settings(output_dir)), *((d, r["settings"]) for d, r in others)]
         for message in compare_differences(runs):
             reporter.warn(message)
 
@@ -255,10 +256,10 @@ def make_plots(config: PlotConfig, reporter: Reporter | None = None) -> PlotResu
     files = [_write_json(output_dir / RAW_RESULTS_FILE, raw),
              _write_json(output_dir / NORMALIZED_RESULTS_FILE, normalized)]
     title = _title(meta["model_id"], meta["scorer"], meta["random_init"])
-    figures = _save(_results_figure(normalized, title), output_dir / RESULTS_FIGURE)
-    figures += _save(_raw_figure(raw, title), output_dir / RAW_FIGURE)
+    figures = save_figure(_results_figure(normalized, title), output_dir / RESULTS_FIGURE)
+    figures += save_figure(_raw_figure(raw, title), output_dir / RAW_FIGURE)
     if config.compare:
-        figures += _save(_compare_figure([(output_dir, raw), *others]),
+        figures += save_figure(_compare_figure([(output_dir, raw), *others]),
                          output_dir / COMPARE_FIGURE)
     if depth is not None:
         figures += _depth_figures(ranks, depth, title, output_dir)
@@ -310,9 +311,9 @@ def _depth_figures(ranks: dict[str, Any], measures: list[str], title: str,
                    output_dir: Path) -> list[Path]:
     files: list[Path] = []
     for measure in measures:
-        files += _save(_heatmap_figure(ranks, measure, title),
+        files += save_figure(_heatmap_figure(ranks, measure, title),
                        output_dir / heatmap_figure(measure))
-    files += _save(_layer_curves_figure(ranks, title), output_dir / LAYER_CURVES_FIGURE)
+    files += save_figure(_layer_curves_figure(ranks, title), output_dir / LAYER_CURVES_FIGURE)
     return files
 
 
@@ -360,8 +361,17 @@ def _normalized_results(raw: dict[str, Any],
     """The normalized_results.json document, and the series that were constant over k."""
     normalized = dict(raw)
     constant = []
+    # k = 0 (no visual token) is left out of every min and max, so adding the floor to a grid
+    # does not move the other points; its accuracy goes on the same scale (it may fall below 0).
+    swept = np.asarray(raw["token_counts"]) > 0
+    swept |= not swept.any()    # a grid of k = 0 alone: nothing else to scale by
     for key, normalized_key in NORMALIZED_SERIES.items():
-        values, is_constant = min_max_normalize(np.array(raw[key], dtype=np.float64))
+        series = float_series(raw[key])
+        values, is_constant = min_max_normalize(series[swept])
+        if not swept.all():
+            low, high = np.nanmin(series[swept]), np.nanmax(series[swept])
+            values = (series - low) / (high - low) if not is_constant else np.where(
+                swept, 0.0, series - low)
         normalized[normalized_key] = _rounded(values)
         if is_constant:
             constant.append(key)
@@ -385,16 +395,16 @@ def _load_run(run_dir: Path) -> dict[str, Any]:
                    "meta": {"scorer": raw["meta"]["scorer"], "model": raw["meta"]["model"]}}
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{raw_path} is not a vtkit raw_results.json ({error!r})") from None
-        return {**run, "settings": _run_settings(run_dir, run["meta"]["model"])}
+        return {**run, "settings": run_settings(run_dir, run["meta"]["model"])}
     if not (run_dir / SWEEP_FILE).is_file():
         raise DataError(f"--compare {run_dir}: neither {RAW_RESULTS_FILE} nor {SWEEP_FILE} found")
-    meta, token_counts, correct, _ = _read_correct(run_dir)
+    meta, token_counts, correct, _ = read_correct(run_dir)
     return {"token_counts": token_counts, "accuracies": _rounded(accuracy_percent(correct)),
             "meta": {"scorer": meta["scorer"], "model": meta["model_id"]},
-            "settings": _run_settings(run_dir)}
+            "settings": run_settings(run_dir)}
 
 
-def _run_settings(run_dir: Path, model: str | None = None) -> dict[str, str]:
+def run_settings(run_dir: Path, model: str | None = None) -> dict[str, str]:
     """The :data:`COMPARED` settings of a run, as text, from its sweep.h5 (the run's config
     and question ids). A run known only by its raw_results.json gives just its ``model``."""
     try:
@@ -464,10 +474,12 @@ def _results_figure(normalized: dict[str, Any], title: str) -> Figure:
     series += [(NORMALIZED_SERIES[f"{layer}_ranks"], label, color)
                for layer, (label, color) in LAYER_STYLES.items()]
     for key, label, color in series:
-        axes.plot(k, _floats(normalized[key]), color=color, label=label, marker="o",
+        axes.plot(k, float_series(normalized[key]), color=color, label=label, marker="o",
                   markersize=3, linewidth=1.5, clip_on=False)
     _k_axis(axes, k)
-    axes.set_ylim(0.0, 1.0)
+    # Accuracy at k = 0, on the scale of the swept k, may lie below 0.
+    lowest = np.nanmin(float_series(normalized["normalized_accuracies"]))
+    axes.set_ylim(min(0.0, float(lowest)), 1.0)
     axes.set_ylabel("Min-max normalised value")
     axes.legend(loc="best")
     return figure
@@ -476,17 +488,17 @@ def _results_figure(normalized: dict[str, Any], title: str) -> Figure:
 def _raw_figure(raw: dict[str, Any], title: str) -> Figure:
     figure, axes = _new_axes(title)
     k = raw["token_counts"]
-    axes.fill_between(k, _floats(raw["accuracies_ci95_low"]), _floats(raw["accuracies_ci95_high"]),
-                      color="tab:blue", alpha=0.2, linewidth=0, label="Accuracy 95% bootstrap")
-    axes.plot(k, _floats(raw["accuracies"]), color="tab:blue", marker="o", markersize=3,
+    axes.fill_between(k, float_series(raw["accuracies_ci95_low"]),
+                      float_series(raw["accuracies_ci95_high"]), color="tab:blue", alpha=0.2,
+                      linewidth=0, label="Accuracy 95% bootstrap")
+    axes.plot(k, float_series(raw["accuracies"]), color="tab:blue", marker="o", markersize=3,
               label="Accuracy (all questions)")
-    axes.plot(k, _floats(raw["img_accuracies"]), color="tab:blue", linestyle="--",
+    axes.plot(k, float_series(raw["img_accuracies"]), color="tab:blue", linestyle="--",
               label="IMG accuracy")
     axes.set_ylabel("Accuracy (%)", color="tab:blue")
     ranks = axes.twinx()
     for layer, (label, color) in LAYER_STYLES.items():
-        mean = np.array(raw[f"{layer}_ranks"], dtype=np.float64)
-        std = np.array(raw[f"{layer}_ranks_std"], dtype=np.float64)
+        mean, std = float_series(raw[f"{layer}_ranks"]), float_series(raw[f"{layer}_ranks_std"])
         ranks.fill_between(k, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
         ranks.plot(k, mean, color=color, marker="s", markersize=3, label=f"{label} (mean ± std)")
     ranks.set_ylabel(f"Numerical rank (threshold {raw['meta']['threshold']:g})")
@@ -547,9 +559,9 @@ def _layer_curves_figure(ranks: dict[str, Any], title: str) -> Figure:
     colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(drawn)))
     for layer, color in zip(drawn, colors, strict=True):
         stats = by_layer[str(layer)][measure]
-        axes.fill_between(k, _floats(stats["ci95_low"]), _floats(stats["ci95_high"]),
+        axes.fill_between(k, float_series(stats["ci95_low"]), float_series(stats["ci95_high"]),
                           color=color, alpha=0.15, linewidth=0)
-        axes.plot(k, _floats(stats["mean"]), color=color, marker="o", markersize=3,
+        axes.plot(k, float_series(stats["mean"]), color=color, marker="o", markersize=3,
                   label=f"layer {layer}")
     _k_axis(axes, k)
     axes.set_ylabel(f"{_measure_label(measure)}, mean and 95% bootstrap interval")
@@ -566,7 +578,7 @@ def _compare_figure(runs: list[tuple[Path, dict[str, Any]]]) -> Figure:
     all_k: list[int] = []
     for run_dir, run in runs:
         label = f"{Path(run_dir).resolve().name} ({run['meta']['scorer']})"
-        axes.plot(run["token_counts"], _floats(run["accuracies"]), marker="o", markersize=3,
+        axes.plot(run["token_counts"], float_series(run["accuracies"]), marker="o", markersize=3,
                   label=label)
         all_k += list(run["token_counts"])
     _k_axis(axes, all_k)
@@ -575,11 +587,12 @@ def _compare_figure(runs: list[tuple[Path, dict[str, Any]]]) -> Figure:
     return figure
 
 
-def _floats(values: list[float | None]) -> np.ndarray:
+def float_series(values: list[float | None]) -> np.ndarray:
+    """A JSON series as float64, null (no value) as NaN."""
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
-def _save(figure: Figure, stem: Path) -> list[Path]:
+def save_figure(figure: Figure, stem: Path) -> list[Path]:
     """Write ``stem.png`` (DPI) and ``stem.pdf``; the PDF carries no creation date, so the same
     inputs give the same bytes."""
     # Appended, not with_suffix: a heatmap stem may hold a dot (numerical_rank_2.5e-4).

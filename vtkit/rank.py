@@ -61,6 +61,9 @@ _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp3
 #: Bootstrap of the means over image questions: resamples and the interval's coverage.
 BOOTSTRAP_SAMPLES = 1000
 CI_LEVEL = 0.95
+#: Why every rank series is null at k = 0 (written to ranks.json when the grid holds it).
+UNRANKED_NOTE = ("k = 0 keeps no visual token: there are no visual rows, so no rank; every rank "
+                 "value at k = 0 is null (the accuracy at k = 0 is real)")
 EFFECTIVE_RANK = "effective_rank"
 STABLE_RANK = "stable_rank"
 
@@ -485,7 +488,9 @@ class RankResult:
         for layer, ranks in self.layers.items():
             document[layer] = ranks.summary()
             if per_question:
-                document[layer]["numerical_rank_per_question"] = ranks.numerical.tolist()
+                document[layer]["numerical_rank_per_question"] = [
+                    None if np.isnan(row).any() else row.astype(np.int64).tolist()
+                    for row in np.asarray(ranks.numerical, dtype=np.float64)]
         document["spectra_check"] = self.spectra_check.to_json()
         document.update({
             "thresholds": self.thresholds,
@@ -498,8 +503,22 @@ class RankResult:
             "correctness": {capture: {str(layer): m.correctness for layer, m in layers.items()}
                             for capture, layers in self.measures.items()},
             "warnings": self.warnings,
+            "unranked_token_counts": [k for k in self.token_counts if k == 0],
         })
-        return document
+        if 0 in self.token_counts:
+            document["unranked_note"] = UNRANKED_NOTE
+        return _nan_to_null(document)
+
+
+def _nan_to_null(value: Any) -> Any:
+    """``value`` with every float NaN (a rank at k = 0) replaced by None (JSON null)."""
+    if isinstance(value, dict):
+        return {key: _nan_to_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_null(item) for item in value]
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
 
 
 def _check_kept(handle: h5py.File, capture: str, layer: int, k: int, spectra: np.ndarray,
@@ -526,6 +545,11 @@ def _measure_layer(handle: h5py.File, capture: str, layer: int, token_counts: li
     names = [numerical_rank_measure(t) for t in thresholds] + [EFFECTIVE_RANK, STABLE_RANK]
     blocks = {name: np.empty((len(token_counts), n_img)) for name in names}
     for i, k in enumerate(token_counts):
+        if k == 0:      # no visual rows: no rank (NaN here, null in ranks.json)
+            for block in blocks.values():
+                block[i] = np.nan
+            task.advance()
+            continue
         # float64 once, not once per measure.
         spectra = _read_spectra(handle, capture, layer, k, n_img).astype(np.float64)
         for threshold in thresholds:
@@ -571,8 +595,10 @@ def _measure_all(handle: h5py.File, captures: list[str], layer_indices: list[int
                 summaries={name: summarise(values, weights) for name, values in blocks.items()},
                 correctness=correctness_table(blocks[headline], correct_images))
             if capture == primary and layer in ends:
-                seed_curves[layer] = LayerRanks(numerical=blocks[headline].astype(np.int64),
-                                                effective=blocks[EFFECTIVE_RANK])
+                numerical = blocks[headline]
+                seed_curves[layer] = LayerRanks(
+                    numerical=numerical if np.isnan(numerical).any() else numerical.astype(
+                        np.int64), effective=blocks[EFFECTIVE_RANK])
     return measures, seed_curves
 
 
@@ -646,7 +672,7 @@ def _report(result: RankResult, reporter: Reporter) -> None:
          f"{first['numerical_rank_mean'][i]:.1f} ± {first['numerical_rank_std'][i]:.1f}",
          f"{last['numerical_rank_mean'][i]:.1f} ± {last['numerical_rank_std'][i]:.1f}",
          f"{first['effective_rank_mean'][i]:.1f}",
-         f"{last['effective_rank_mean'][i]:.1f}"]
+         f"{last['effective_rank_mean'][i]:.1f}"] if k else [k, *["no visual rows"] * 4]
         for i, k in enumerate(result.token_counts)
     ]
     reporter.table(

@@ -26,7 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -66,6 +66,7 @@ from vtkit.defaults import (
 )
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
+from vtkit.flops import LMShape
 from vtkit.generate import (
     ActivationCapture,
     PreparedItem,
@@ -82,6 +83,7 @@ from vtkit.pruning import (
     SCORERS,
     gather_rows,
     gram_matrices,
+    random_scores,
     spectra_from_gram,
     top_k_raster,
 )
@@ -127,7 +129,12 @@ class SweepConfig:
     random_init: bool = False
     force: bool = False
     model_id: str | None = None       # sweep.h5's model_id; None: the model path's last part
+    features_dir: Path | None = None  # where features.h5 is; None: output_dir (--seeds: its parent)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def features_file(self) -> Path:
+        return Path(self.features_dir or self.output_dir) / FEATURES_FILE
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -178,15 +185,16 @@ class SweepResult:
 
 
 def check_tokens(tokens: list[int], num_patches: int | None = None) -> None:
-    """The k grid: non-empty, no repeats, every k in 1..num_patches (when given)."""
+    """The k grid: non-empty, no repeats, every k in 0..num_patches (when given). k = 0, the
+    floor without any visual token, comes only from --tokens (the --min grid starts at 1)."""
     if not tokens:
         raise UsageError("--tokens: no token counts to sweep")
     if len(set(tokens)) != len(tokens):
         raise UsageError("--tokens: token counts repeat")
-    bad = [k for k in tokens if k < 1 or (num_patches is not None and k > num_patches)]
+    bad = [k for k in tokens if k < 0 or (num_patches is not None and k > num_patches)]
     if bad:
         limit = num_patches if num_patches is not None else "the number of patches"
-        raise UsageError(f"--tokens/--max: k={bad[0]} is outside 1..{limit}, the number of "
+        raise UsageError(f"--tokens/--max: k={bad[0]} is outside 0..{limit}, the number of "
                          f"visual tokens of this model")
 
 
@@ -363,6 +371,46 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
                        random_init)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2``: distinct non-negative seeds, in the order given (UsageError naming
+    the flag)."""
+    try:
+        seeds = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UsageError(f"--seeds: expected distinct non-negative seeds, got {text!r}")
+    return seeds
+
+
+def seed_configs(config: SweepConfig, seeds: list[int]) -> list[SweepConfig]:
+    """One sweep per seed of the random scorer: each into ``<output_dir>/seed{N}/`` with
+    ``--seed N``, all reading the one ``<output_dir>/features.h5``. Each is a complete run
+    (its own sweep.h5, answers, ranks and results, fingerprinted and resumable)."""
+    if config.scorer != "random":
+        raise UsageError(f"--seeds: only the random scorer has seeds (--scorer random), not "
+                         f"{config.scorer!r}")
+    return [replace(config, seed=seed, output_dir=Path(config.output_dir) / cache.seed_dir(seed),
+                    features_dir=Path(config.features_dir or config.output_dir))
+            for seed in seeds]
+
+
+def sweep_seeds(config: SweepConfig, seeds: list[int], reporter: Reporter | None = None,
+                model=None) -> list[SweepResult]:
+    """:func:`sweep` once per seed (:func:`seed_configs`), the model loaded once."""
+    configs = seed_configs(config, seeds)
+    for seeded in configs:
+        seeded.validate()
+    check_model_fit(config, model)
+    if model is None:
+        from vtkit.model import load_model
+
+        model = load_model(config.model_path, config.model_base, random_init=config.random_init,
+                           dtype=config.dtype,
+                           device=init_workers(config.device).device(config.device))
+    return [sweep(seeded, reporter, model=model) for seeded in configs]
+
+
 def _ready_model(config: SweepConfig, model, workers, reporter: Reporter):
     """The model to sweep with: ``model``, else the checkpoint loaded; compiled with
     ``--compile``; a warning when its weights are random."""
@@ -385,7 +433,7 @@ def _resolve(config: SweepConfig, model, selection: Selection) -> _Run:
     output_dir = Path(config.output_dir)
     items = prepare_items(selection.questions, model.tokenizer, config)
     image_items = [it for it in items if it.question.has_image]
-    extract_attrs = (_load_extract_cache(output_dir / FEATURES_FILE, image_items, model)
+    extract_attrs = (_load_extract_cache(config.features_file, image_items, model)
                      if image_items else {})
     inputs = sweep_inputs(config, model, items, extract_attrs)
     answer_key = answer_key_digest(selection.problems, items)
@@ -465,7 +513,7 @@ def _compute(run: _Run, store: cache.PartStore, workers, reporter: Reporter,
     computing = time.perf_counter()
     tokens_done = _execute(model, config, store, workers.share(image_items),
                            workers.share(text_items), done, budget, keep, run.captures, run.layers,
-                           Path(config.output_dir) / FEATURES_FILE, reporter, timer)
+                           config.features_file, reporter, timer)
     workers.barrier()
     if workers.is_main:
         results = _merge(store, run)
@@ -637,9 +685,15 @@ class _BatchRunner:
     pinned: _PinnedBuffers | None = None
 
     def text(self, batch: list[tuple[PreparedItem, int]]) -> int:
-        """A batch of text-only questions (k = 0); returns its prefill tokens."""
+        """A batch without visual rows (k = 0): text-only questions, or image questions whose
+        placeholder is replaced by zero rows (prefix + suffix); returns its prefill tokens.
+        Nothing is captured: there are no visual rows."""
         items = [it for it, _ in batch]
-        answers, _, n = run_batch(self.model, items, None, self.config, None, [0] * len(items),
+        visual = None
+        if items[0].question.has_image:
+            visual = [torch.zeros((0, self.model.hidden_size), dtype=self.model.dtype,
+                                  device=self.model.device)] * len(items)
+        answers, _, n = run_batch(self.model, items, visual, self.config, None, [0] * len(items),
                                   self.timer)
         self.writer.submit(self.store.write, f"t-{items[0].index:06d}", {
             "question_index": np.asarray([it.index for it in items], dtype=np.int64),
@@ -705,12 +759,16 @@ def _plan(chunks: list[list[PreparedItem]], text_items: list[PreparedItem],
     """The batches of the (question, k) rows no part holds yet: per chunk of image questions,
     and of the text-only questions."""
     text_rows = [(it, 0) for it in text_items if it.index not in done.get(0, set())]
+    # Image questions at k = 0 need no features: they run in batches of their own, as text.
+    bare_rows = [(it, 0) for chunk in chunks for it in chunk
+                 if 0 in config.tokens and it.index not in done.get(0, set())]
     plan = []
     for chunk in chunks:
         rows = [(it, k) for it in chunk for k in config.tokens
-                if it.index not in done.get(k, set())]
+                if k and it.index not in done.get(k, set())]
         plan.append(_batches(rows, config.batch_size, budget) if rows else [])
-    text_batches = _batches(text_rows, config.batch_size, budget) if text_rows else []
+    text_batches = (_batches(text_rows, config.batch_size, budget)
+                    + _batches(bare_rows, config.batch_size, budget))
     return plan, text_batches
 
 
@@ -885,6 +943,11 @@ def _load_chunk(model, features_file, chunk: list[PreparedItem], config: SweepCo
             signals.projected = model.project(feats)
         if config.scorer in IN_LLM_SCORERS:
             return signals      # the method scores inside the language model
+        if config.scorer == "random":   # from --seed, so one features.h5 serves every seed
+            signals.scores = torch.from_numpy(np.stack([
+                random_scores(it.question.question_id, model.num_patches, config.seed)
+                for it in chunk])).to(model.device)
+            return signals
         if config.scorer in RANKING_SCORERS:
             signals.scores = read(f"scores/{config.scorer}", torch.float32)
             return signals
@@ -922,9 +985,9 @@ def _gather(store: cache.PartStore, run: _Run) -> tuple[np.ndarray, dict, dict]:
         with h5py.File(part, "r") as f:
             index, ks = f["question_index"][:], f["k"][:]
             text = [t.decode() for t in f["answers"][:]]
-            if not ks.any():    # text-only rows: one answer for every k
+            if not ks.any():    # text-only rows (one answer for every k), image rows at k = 0
                 for q, t in zip(index, text, strict=True):
-                    answers[:, q] = t
+                    answers[k_row[0] if q in img_row else slice(None), q] = t
                 continue
             _gather_spectra(f, index, ks, widths, img_row, spectra)
             for r, (q, k) in enumerate(zip(index, ks, strict=True)):
@@ -993,6 +1056,8 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "token_counts": np.asarray(config.tokens, dtype=np.int32),
         "question_ids": [it.question.question_id for it in run.items],
         "has_image": np.asarray([it.question.has_image for it in run.items], dtype=bool),
+        # Prompt tokens without the visual rows, for the FLOPs per question of `vtkit compare`.
+        "text_tokens": np.asarray([it.text_length for it in run.items], dtype=np.int32),
         "correct": correct,
         "answers": answers,
     }
@@ -1015,6 +1080,8 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "num_layers": int(model.num_layers),
         "captures": json.dumps(run.captures),
         "hidden_size": int(model.hidden_size),
+        "num_patches": int(model.num_patches),
+        "lm_shape": json.dumps(asdict(LMShape.from_config(model.language_model.config))),
         "complete": True,
     })
     if config.scorer in IN_LLM_SCORERS:

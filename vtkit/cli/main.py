@@ -26,6 +26,7 @@ except ImportError:
 from vtkit import __version__  # noqa: E402
 from vtkit.cli import (  # noqa: E402
     bench,
+    compare,
     convert,
     demo,
     extract,
@@ -83,6 +84,7 @@ COMMANDS = {
     "rank": rank.rank,
     "plot": plot.plot,
     "run": run.run,
+    "compare": compare.compare,
     "score": score.score,
     "prompts": prompts.prompts,
     "demo": demo.demo,

@@ -57,6 +57,9 @@ SinglePredPromptOpt = Annotated[bool, typer.Option(
 NumSamplesOpt = Annotated[int, typer.Option(
     "--num-samples", help="Use the first N questions of the split (-1 = all).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for sampling and the random scorer.")]
+SeedsOpt = Annotated[str | None, typer.Option(
+    "--seeds", help="With --scorer random: comma-separated seeds, e.g. 0,1,2; one complete run "
+                    "per seed in OUTPUT_DIR/seed{N}/, all sharing OUTPUT_DIR/features.h5.")]
 DtypeOpt = Annotated[Dtype | None, typer.Option(
     "--dtype", help="Weights and activations (default: float16 on CUDA, float32 on CPU).")]
 
@@ -114,7 +117,8 @@ MaxOpt = Annotated[int, typer.Option("--max", help="Largest k of the grid (swept
 StepOpt = Annotated[int, typer.Option("--step", help="Grid step: max, then multiples of step.")]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens",
-    help="Explicit comma-separated k values, e.g. 576,192,128,64 (overrides the grid).")]
+    help="Explicit comma-separated k values, e.g. 576,192,128,64,0 (overrides the grid; 0 "
+         "keeps no visual token, the floor).")]
 KeepAttentionOpt = Annotated[int, typer.Option(
     "--keep-attention", min=0,
     help="Also store the raw k x d captured rows (every --capture and --layers) of the first N "

@@ -30,6 +30,7 @@ from vtkit.cli.options import (
     RandomInitOpt,
     ScorerOpt,
     SeedOpt,
+    SeedsOpt,
     SinglePredPromptOpt,
     SplitOpt,
     StepOpt,
@@ -86,6 +87,7 @@ def run(
     single_pred_prompt: SinglePredPromptOpt = DEFAULT_SINGLE_PRED_PROMPT,
     temperature: TemperatureOpt = DEFAULT_TEMPERATURE,
     seed: SeedOpt = DEFAULT_SEED,
+    seeds: SeedsOpt = None,
     max_new_tokens: MaxNewTokensOpt = DEFAULT_MAX_NEW_TOKENS,
     image_mode: ImageModeOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -103,7 +105,9 @@ def run(
 ) -> None:
     """Run extract, sweep, rank and plot in one go (the model is loaded once).
 
-    --json prints the four stages' results as one JSON document on stdout.
+    --json prints the four stages' results as one JSON document on stdout. For the random
+    scorer, --seeds 0,1,2 extracts once and runs sweep, rank and plot once per seed into
+    OUTPUT_DIR/seed{N}/ (--json: one document per seed, in a list).
 
     Example (the single-script version's settings): vtkit run --model-path
     liuhaotian/llava-v1.5-7b --base-dir ScienceQA --conv-mode llava_v1 --temperature 0.2
@@ -111,10 +115,10 @@ def run(
     """
     from vtkit.cli.progress import stage_reporter
     from vtkit.extract import ExtractConfig
-    from vtkit.pipeline import run_pipeline
+    from vtkit.pipeline import run_pipeline, run_seeds
     from vtkit.plot import PlotConfig
     from vtkit.rank import RankConfig
-    from vtkit.sweep import SweepConfig
+    from vtkit.sweep import SweepConfig, parse_seeds
 
     common = dict(model_path=model_path, model_base=model_base, base_dir=base_dir,
                   question_file=question_file, image_folder=image_folder, split=split,
@@ -131,8 +135,13 @@ def run(
         token_budget=token_budget, keep_attention=keep_attention, layers=layers,
         captures=split_captures(capture), compile=compile_decoder)
     rank_config = RankConfig(output_dir=output_dir, threshold=threshold)
-    result = run_pipeline(extract_config, sweep_config, rank_config,
-                          PlotConfig(output_dir=output_dir), reporter=stage_reporter())
-    if json_output and result.ranked is not None:   # the main process alone ranks and plots
-        print_json({"extract": result.extracted, "sweep": result.swept,
-                    "rank": rank_json(result.ranked), "plot": result.plotted.to_json()})
+    stages = (extract_config, sweep_config, rank_config, PlotConfig(output_dir=output_dir))
+    if seeds is not None:
+        results = run_seeds(*stages[:2], parse_seeds(seeds), *stages[2:],
+                            reporter=stage_reporter())
+    else:
+        results = [run_pipeline(*stages, reporter=stage_reporter())]
+    if json_output and results[0].ranked is not None:   # the main process alone ranks, plots
+        documents = [{"extract": r.extracted, "sweep": r.swept, "rank": rank_json(r.ranked),
+                      "plot": r.plotted.to_json()} for r in results]
+        print_json(documents if seeds is not None else documents[0])

@@ -29,6 +29,7 @@ from vtkit.cli.options import (
     RandomInitOpt,
     ScorerOpt,
     SeedOpt,
+    SeedsOpt,
     SinglePredPromptOpt,
     SplitOpt,
     StepOpt,
@@ -83,6 +84,7 @@ def sweep(
     single_pred_prompt: SinglePredPromptOpt = DEFAULT_SINGLE_PRED_PROMPT,
     temperature: TemperatureOpt = DEFAULT_TEMPERATURE,
     seed: SeedOpt = DEFAULT_SEED,
+    seeds: SeedsOpt = None,
     max_new_tokens: MaxNewTokensOpt = DEFAULT_MAX_NEW_TOKENS,
     batch_size: BatchSizeOpt = None,
     token_budget: TokenBudgetOpt = None,
@@ -104,12 +106,14 @@ def sweep(
 
     --layers picks the decoder layers (first,last; all; or indices) and --capture the tensors
     (attn_out, attn_heads, hidden; comma-separated) whose visual rows' spectra are stored.
+    --tokens may hold 0 (no visual token). For the random scorer, --seeds 0,1,2 sweeps once per
+    seed into OUTPUT_DIR/seed{N}/ (rank and plot each; compare them with `vtkit compare`).
 
     Example: vtkit sweep --model-path demo/llava-tiny-hf --base-dir demo/scienceqa
     --min 20 --max 576 --step 10 --layers all --capture attn_out,hidden
     """
     from vtkit.cli.progress import stage_reporter
-    from vtkit.sweep import SweepConfig
+    from vtkit.sweep import SweepConfig, parse_seeds, sweep_seeds
     from vtkit.sweep import sweep as run_sweep
 
     config = SweepConfig(
@@ -126,6 +130,11 @@ def sweep(
         dtype=dtype, device=device,
         random_init=random_init, force=force,
     )
+    if seeds is not None:
+        results = sweep_seeds(config, parse_seeds(seeds), stage_reporter())
+        if json_output:
+            print_stage_json(results)
+        return
     result = run_sweep(config, stage_reporter())
     if json_output:
         print_stage_json(result)
