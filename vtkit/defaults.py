@@ -77,3 +77,15 @@ DEFAULT_BENCH_MAX_NEW_TOKENS = 2
 DEFAULT_BENCH_SEED_QUESTIONS = 5
 #: Where the bench writes its model, questions, caches and bench.json.
 DEFAULT_BENCH_DIR = Path("bench_results")
+
+# Defaults of `vtkit cost`.
+#: The k values of the cost table: the unpruned 576 and the budgets pruning papers quote.
+DEFAULT_COST_TOKENS = (576, 448, 320, 192, 128, 64, 32)
+#: Timed calls per measure (after the warm-up ones): the median of at least 20 is quoted.
+DEFAULT_COST_REPEATS = 20
+#: Untimed calls before each measure (kernel autotuning, allocator growth).
+DEFAULT_COST_WARMUP = 3
+#: Timed batches of the throughput measure (each is a whole batch at the automatic size).
+DEFAULT_COST_THROUGHPUT_REPEATS = 5
+#: Where the cost table writes cost.json, its figure, and the shape's model configs.
+DEFAULT_COST_DIR = Path("cost_results")

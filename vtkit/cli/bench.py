@@ -16,6 +16,7 @@ from vtkit.cli.options import (
     JsonOpt,
     LayersOpt,
     MaxNewTokensOpt,
+    ShapeOpt,
     TokenBudgetOpt,
     TokensOpt,
     resolve_tokens,
@@ -36,7 +37,6 @@ from vtkit.defaults import (
     DEFAULT_STEP,
 )
 
-ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
 QuestionsOpt = Annotated[int, typer.Option(
     "--questions", min=1, help="Synthetic image questions in the measured sweep.")]
 SeedQuestionsOpt = Annotated[int, typer.Option(

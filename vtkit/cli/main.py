@@ -27,6 +27,7 @@ from vtkit import __version__  # noqa: E402
 from vtkit.cli import (  # noqa: E402
     bench,
     convert,
+    cost,
     demo,
     extract,
     plot,
@@ -88,6 +89,7 @@ COMMANDS = {
     "demo": demo.demo,
     "convert": convert.convert,
     "bench": bench.bench,
+    "cost": cost.cost,
 }
 
 for _name, _command in COMMANDS.items():
