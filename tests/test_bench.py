@@ -39,7 +39,7 @@ def test_representative_lengths_follow_the_table():
 
 def test_bench_runs_the_real_path_on_the_tiny_shape(tmp_path):
     result = run_bench(BenchConfig(shape="tiny", questions=6, tokens=[576, 100, 20],
-                                   device="cpu", seed_questions=1, output_dir=tmp_path))
+                                   device="cpu", seed_questions=2, output_dir=tmp_path))
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["useful_tokens"] == result["useful_tokens"] > 0
     assert 0 < result["mfu"] <= 1.0
@@ -48,6 +48,11 @@ def test_bench_runs_the_real_path_on_the_tiny_shape(tmp_path):
         result["phase_seconds"])
     assert result["projected_full_sweep_seconds"] > result["flop_floor_seconds"] > 0
     assert (tmp_path / "run" / "sweep.h5").is_file()
+    # The seed-style loop: each of its questions timed alone, the median quoted.
+    assert set(saved["seed_style_timings"]) == {"576", "20"}
+    for k, timing in saved["seed_style_timings"].items():
+        assert timing["repeats"] == 2
+        assert saved["seed_style_seconds_per_question"][k] == timing["median"] > 0
     # The synthetic prompts have the lengths asked for (within a filler word's tokens).
     from vtkit.data import select_questions
     from vtkit.model import load_tokenizer

@@ -127,7 +127,15 @@ class NullTimer:
 
 
 def time_repeats(run, device, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``run()`` after ``warmup`` untimed ones.
+    """Seconds of each of ``repeats`` calls of ``run()`` after ``warmup`` untimed ones
+    (:func:`time_calls`)."""
+    for _ in range(warmup):
+        run()
+    return time_calls([run] * repeats, device)
+
+
+def time_calls(calls, device) -> list[float]:
+    """Seconds of each call of ``calls`` (functions of no argument), made in order.
 
     On CUDA each call is bracketed by a pair of events: the GPU time from the call's first
     queued work to its last, host launch gaps included, with no synchronisation added between
@@ -138,22 +146,19 @@ def time_repeats(run, device, repeats: int, warmup: int = 1) -> list[float]:
 
     import torch
 
-    cuda = getattr(device, "type", str(device)) == "cuda"
-    for _ in range(warmup):
-        run()
-    if not cuda:
+    if getattr(device, "type", str(device)) != "cuda":
         seconds = []
-        for _ in range(repeats):
+        for call in calls:
             began = time.perf_counter()
-            run()
+            call()
             seconds.append(time.perf_counter() - began)
         return seconds
     torch.cuda.synchronize(device)
     pairs = []
-    for _ in range(repeats):
+    for call in calls:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run()
+        call()
         end.record()
         pairs.append((start, end))
     torch.cuda.synchronize(device)
