@@ -23,6 +23,7 @@ from vtkit import cache
 from vtkit.defaults import (
     DEFAULT_BENCH_DIR,
     DEFAULT_BENCH_MAX_NEW_TOKENS,
+    DEFAULT_BENCH_PROFILE_BATCHES,
     DEFAULT_BENCH_QUESTIONS,
     DEFAULT_BENCH_SEED_QUESTIONS,
     DEFAULT_BENCH_SHAPE,
@@ -60,6 +61,8 @@ class BenchConfig:
     layers: str = DEFAULT_LAYERS          # --layers of the measured sweep (all: every layer)
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
     seed_questions: int = DEFAULT_BENCH_SEED_QUESTIONS
+    profile: bool = False                 # torch.profiler over a few sweep batches
+    profile_batches: int = DEFAULT_BENCH_PROFILE_BATCHES
     output_dir: Path = DEFAULT_BENCH_DIR
     seed: int = DEFAULT_SEED
 
@@ -217,9 +220,30 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     result.update(seed_style_comparison(model, selection, items, config, sweep_config, result))
     result["config"] = {k: (str(v) if isinstance(v, Path) else v)
                         for k, v in asdict(config).items()}
+    if config.profile:
+        result["profile"] = write_profile(timer, out, reporter)
     cache.write_json_atomic(out / "bench.json", result)
     report_bench(result, reporter)
     return result
+
+
+def write_profile(profiler, out: Path, reporter: Reporter) -> dict | None:
+    """profile.json and the timeline of the profiled batches, their tables; the totals by kind
+    (for bench.json), or None with a warning when the sweep had too few batches."""
+    from vtkit.profiling import profile_tables
+
+    summary = profiler.finish()
+    if summary is None:
+        reporter.warn(f"--profile: the sweep ran {profiler.batches_seen} batch(es), none after "
+                      f"the {profiler.warmup} warm-up one(s); nothing was profiled (use more "
+                      f"--questions or a smaller --batch-size)")
+        return None
+    cache.write_json_atomic(out / "profile.json", summary)
+    profiler.write_trace(out / "profile_trace.json.gz")
+    for title, columns, rows in profile_tables(summary):
+        reporter.table(title, columns, rows)
+    return {"file": str(out / "profile.json"), "batches": summary["batches"],
+            "kinds": summary["kinds"]}
 
 
 def build_bench_model(config: BenchConfig, model_dir: Path):
@@ -256,6 +280,7 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
     """Extract and sweep the bench questions from scratch, as a user's run would, timing the
     sweep's phases: (the pipeline's result, the phase timer, the sweep config)."""
     from vtkit.extract import ExtractConfig
+    from vtkit.profiling import BatchProfiler
     from vtkit.sweep import SweepConfig
 
     common = dict(model_path=str(model_dir), base_dir=data_dir, output_dir=run_dir,
@@ -267,7 +292,8 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
                                batch_size=config.batch_size, token_budget=config.token_budget,
                                compile=config.compile, layers=config.layers,
                                captures=list(config.captures))
-    timer = PhaseTimer(model.device)
+    timer = (BatchProfiler(model.device, config.profile_batches) if config.profile
+             else PhaseTimer(model.device))
     run = run_pipeline(ExtractConfig(**common, seed=config.seed), sweep_config,
                        reporter=reporter, model=model, timer=timer)
     return run, timer, sweep_config

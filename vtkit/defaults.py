@@ -75,6 +75,8 @@ DEFAULT_BENCH_QUESTIONS = 32
 DEFAULT_BENCH_MAX_NEW_TOKENS = 2
 #: Questions timed in the seed-style loop (batch 1, vision per k): the median of 20 is stable.
 DEFAULT_BENCH_SEED_QUESTIONS = 20
+#: Sweep batches --profile runs torch.profiler over (after one warm-up batch).
+DEFAULT_BENCH_PROFILE_BATCHES = 2
 #: Where the bench writes its model, questions, caches and bench.json.
 DEFAULT_BENCH_DIR = Path("bench_results")
 
