@@ -65,7 +65,11 @@ def test_json_records_the_setting_and_the_spread(measured):
     assert saved["device"] == "cpu" and saved["dtype"] == "float32"
     assert saved["torch"] == torch.__version__
     assert saved["transformers"]
-    assert saved["attention"] == {"implementation": "sdpa", "sdpa_backends_enabled": None}
+    attention = saved["attention"]
+    assert attention["implementation"] == "sdpa" and attention["sdpa_backends_enabled"] is None
+    # What the CPU's SDPA really ran in a prefill, profiled.
+    for rows in ("batch 1", "batch 2"):
+        assert any("scaled_dot_product" in name for name in attention["kernels_seen"][rows])
     assert saved["timer"] == "perf_counter" and saved["repeats"] == 3
     assert "vtkit.flops" in saved["flops_formula"]
     for row in saved["rows"]:

@@ -74,6 +74,7 @@ def run_cost(config: CostConfig, reporter: Reporter | None = None) -> dict:
         reporter.warn(f"RANDOM WEIGHTS: cost table of {describe_model(config)} "
                       f"({model.dtype}, {model.device})")
     item, median = median_question(model, out / "scienceqa", config.seed)
+    kernels = observed_attention(model, item, config)
     rows = []
     with reporter.task("cost per k", total=len(config.tokens), unit="k") as task:
         for k in config.tokens:
@@ -82,7 +83,7 @@ def run_cost(config: CostConfig, reporter: Reporter | None = None) -> dict:
     result = {
         "vtkit_version": __version__,
         "model": describe_model(config), "identity": model.identity,
-        **environment(model),
+        **environment(model, kernels),
         "timer": "cuda events" if model.device.type == "cuda" else "perf_counter",
         "repeats": config.repeats, "warmup": config.warmup,
         "throughput_repeats": config.throughput_repeats,
@@ -225,9 +226,23 @@ def measure_k(model, item, k: int, config: CostConfig) -> dict:
     }
 
 
-def environment(model) -> dict:
-    """Device, dtype, library versions and the attention actually configured: the language
-    model's attention implementation and, on CUDA, which SDPA backends torch may pick."""
+def observed_attention(model, item, config: CostConfig) -> dict[str, list[str]]:
+    """The attention kernels a prefill runs at the grid's largest k, at batch 1 and in a batch
+    of two (identical rows, so no padding either)."""
+    from vtkit.generate import prefill
+    from vtkit.profiling import attention_kernels
+
+    k = max(config.tokens)
+    visual = visual_rows(model, k, config.seed)
+    return {f"batch {rows}": attention_kernels(
+        lambda rows=rows: prefill(model, [item] * rows, [visual] * rows), model.device)
+        for rows in (1, 2)}
+
+
+def environment(model, kernels: dict[str, list[str]]) -> dict:
+    """Device, dtype, library versions and the attention: the language model's attention
+    implementation, on CUDA which SDPA backends torch may pick, and the attention kernels
+    (CPU operators on the CPU) a prefill really ran."""
     import transformers
 
     cuda = model.device.type == "cuda"
@@ -242,7 +257,7 @@ def environment(model) -> dict:
         "dtype": str(model.dtype).replace("torch.", ""),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "attention": {"implementation": model.language_model.config._attn_implementation,
-                      "sdpa_backends_enabled": backends},
+                      "sdpa_backends_enabled": backends, "kernels_seen": kernels},
     }
 
 

@@ -103,6 +103,22 @@ class BatchProfiler(PhaseTimer):
         self._profiler.export_chrome_trace(str(path))
 
 
+def attention_kernels(run, device) -> list[str]:
+    """Names of the attention kernels (CUDA) or operators (CPU) one call of ``run()`` runs:
+    which SDPA backend torch really picked for those shapes."""
+    cuda = torch.device(device).type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        run()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wanted = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    return sorted({a.key for a in profiler.key_averages()
+                   if a.device_type == wanted and kind_of(a.key) == "attention"})
+
+
 def summarize(profiler, cuda: bool, wall: float, batches: int, warmup: int) -> dict:
     """Top kernels (CUDA) or operators (CPU) by their own time, totals by kind, and the top
     CPU-side operators and runtime calls (what the host spent its time on)."""
