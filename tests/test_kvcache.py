@@ -99,3 +99,7 @@ def test_the_room_doubles_when_an_answer_outgrows_it():
     expected = torch.cat([states] + [torch.full((2, 3, 1, 4), float(s)) for s in range(8)], -2)
     assert torch.equal(keys, expected) and torch.equal(values, -expected)
     assert layer.get_seq_length() == 13 and layer.get_mask_sizes(1) == (14, 0)
+    layer.reset()
+    assert layer.get_seq_length() == 0
+    keys, _ = layer.update(states[:, :, :2], states[:, :, :2])
+    assert layer.get_seq_length() == 2 and layer.key_buffer.shape[-2] == 2 + 2

@@ -31,7 +31,7 @@ class RoomyLayer(DynamicLayer):
 
     def __init__(self, headroom: int = DECODE_HEADROOM, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.room = max(1, headroom)
+        self.headroom = self.room = max(1, headroom)
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
 
@@ -78,8 +78,12 @@ class RoomyLayer(DynamicLayer):
         self.key_buffer, self.value_buffer = buffers
 
     def reset(self) -> None:
+        """Empty again, buffers dropped, the room back to ``headroom`` (the same in every
+        transformers version)."""
+        self.keys = self.values = None
+        self.room = self.headroom
         self.key_buffer = self.value_buffer = None
-        super().reset()
+        self.is_initialized = False
 
 
 class RoomyCache(Cache):
