@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from vtkit.bench import (
     BenchConfig,
@@ -14,6 +15,8 @@ from vtkit.bench import (
     run_bench,
 )
 from vtkit.data import load_question_file
+from vtkit.profiling import KINDS, kind_of
+from vtkit.progress import RecordingReporter
 from vtkit.prompts import build_prompt, tokenize_prompt
 
 
@@ -39,7 +42,7 @@ def test_representative_lengths_follow_the_table():
 
 def test_bench_runs_the_real_path_on_the_tiny_shape(tmp_path):
     result = run_bench(BenchConfig(shape="tiny", questions=6, tokens=[576, 100, 20],
-                                   device="cpu", seed_questions=1, output_dir=tmp_path))
+                                   device="cpu", seed_questions=2, output_dir=tmp_path))
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["useful_tokens"] == result["useful_tokens"] > 0
     assert 0 < result["mfu"] <= 1.0
@@ -48,6 +51,11 @@ def test_bench_runs_the_real_path_on_the_tiny_shape(tmp_path):
         result["phase_seconds"])
     assert result["projected_full_sweep_seconds"] > result["flop_floor_seconds"] > 0
     assert (tmp_path / "run" / "sweep.h5").is_file()
+    # The seed-style loop: each of its questions timed alone, the median quoted.
+    assert set(saved["seed_style_timings"]) == {"576", "20"}
+    for k, timing in saved["seed_style_timings"].items():
+        assert timing["repeats"] == 2
+        assert saved["seed_style_seconds_per_question"][k] == timing["median"] > 0
     # The synthetic prompts have the lengths asked for (within a filler word's tokens).
     from vtkit.data import select_questions
     from vtkit.model import load_tokenizer
@@ -59,3 +67,53 @@ def test_bench_runs_the_real_path_on_the_tiny_shape(tmp_path):
     floor = min(got)   # the shortest prompt this tokenizer can make
     assert floor <= 85
     assert all(abs(a - max(b, floor)) <= 3 for a, b in zip(got, wanted, strict=True)), (got, wanted)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous "
+     "namespace)::OpaqueType<2u>, unsigned int, 4, 64, 64>(...)", "cache copy"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)",
+     "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0", "attention"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::"
+     "BFloat16>, std::array<char*, 3ul> >(int, ...)", "elementwise"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps"
+     "<float, float, float, float>, unsigned int, float, 4, 4> >(...)", "elementwise"),
+    ("Memcpy HtoD (Pinned -> Device)", "other"),
+    ("aten::addmm", "matmul"), ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::cat", "cache copy"), ("aten::silu", "elementwise"), ("aten::sort", "other"),
+])
+def test_kernels_are_sorted_into_kinds_by_name(name, kind):
+    assert kind_of(name) == kind
+
+
+def test_profile_covers_the_batches_after_the_warm_up(tmp_path):
+    reporter = RecordingReporter()
+    # 4 questions x 2 k in batches of 2: 4 batches; the 2nd and 3rd are profiled.
+    result = run_bench(BenchConfig(shape="tiny", questions=4, tokens=[576, 20], device="cpu",
+                                   batch_size=2, seed_questions=1, profile=True,
+                                   output_dir=tmp_path), reporter)
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert profile["batches"] == 2 and profile["warmup_batches"] == 1
+    assert list(profile["kinds"]) == list(KINDS)
+    assert sum(v["share"] for v in profile["kinds"].values()) == pytest.approx(1.0)
+    assert profile["kinds"]["matmul"]["seconds"] > 0
+    names = {t["name"]: t for t in profile["top"]}
+    assert names["aten::mm"]["kind"] == "matmul"
+    # 2 batches x (prefill + 1 decode step) x (2 layers x q, k, v, o, gate, up, down + LM head).
+    assert names["aten::mm"]["calls"] == 2 * 2 * (2 * 7 + 1)
+    assert result["profile"]["kinds"] == profile["kinds"]
+    assert (tmp_path / "profile_trace.json.gz").stat().st_size > 0
+    assert any(title.startswith("profile by kind") for title, _, _ in reporter.tables)
+
+
+def test_too_few_batches_to_profile_is_said(tmp_path):
+    reporter = RecordingReporter()
+    result = run_bench(BenchConfig(shape="tiny", questions=1, tokens=[20], device="cpu",
+                                   seed_questions=1, profile=True, output_dir=tmp_path),
+                       reporter)
+    assert result["profile"] is None and not (tmp_path / "profile.json").exists()
+    assert any("--profile" in message for _, message in reporter.messages)

@@ -142,6 +142,7 @@ def test_command_modules_never_import_each_other():
     ("rank", "vtkit.rank.RankConfig"),
     ("prompts", "vtkit.prompts.PromptsConfig"),
     ("bench", "vtkit.bench.BenchConfig"),
+    ("cost", "vtkit.cost.CostConfig"),
 ])
 def test_signature_defaults_are_the_config_defaults(command, config):
     """What `vtkit CMD --help` shows as a default is what the stage does when it is not given."""

@@ -10,6 +10,7 @@ LLaVA-1.5 emits on ScienceQA (the letter, then EOS).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from vtkit import cache
 from vtkit.defaults import (
     DEFAULT_BENCH_DIR,
     DEFAULT_BENCH_MAX_NEW_TOKENS,
+    DEFAULT_BENCH_PROFILE_BATCHES,
     DEFAULT_BENCH_QUESTIONS,
     DEFAULT_BENCH_SEED_QUESTIONS,
     DEFAULT_BENCH_SHAPE,
@@ -37,7 +39,7 @@ from vtkit.defaults import (
 )
 from vtkit.errors import UsageError
 from vtkit.pipeline import PipelineResult, run_pipeline, synchronize
-from vtkit.progress import PhaseTimer, Reporter
+from vtkit.progress import PhaseTimer, Reporter, spread, time_calls
 from vtkit.pruning import gather_rows, l2_scores, token_grid, top_k_raster
 
 LENGTHS_FILE = Path(__file__).resolve().parent / "assets" / "cqma_test_lengths.json"
@@ -59,6 +61,8 @@ class BenchConfig:
     layers: str = DEFAULT_LAYERS          # --layers of the measured sweep (all: every layer)
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
     seed_questions: int = DEFAULT_BENCH_SEED_QUESTIONS
+    profile: bool = False                 # torch.profiler over a few sweep batches
+    profile_batches: int = DEFAULT_BENCH_PROFILE_BATCHES
     output_dir: Path = DEFAULT_BENCH_DIR
     seed: int = DEFAULT_SEED
 
@@ -168,23 +172,27 @@ def write_bench_questions(base_dir: Path, tokenizer, lengths: list[int], seed: i
     return base_dir
 
 
-def seed_style_seconds(model, selection, items, k: int, sweep_config) -> float:
-    """Seconds per question of the single-script loop at one k: batch 1, the vision tower
-    re-run for every (question, k), then prune, prefill and generate."""
+def seed_style_question(model, selection, item, k: int, sweep_config) -> None:
+    """One question of the single-script loop at one k: batch 1, the vision tower re-run for
+    the (question, k), then prune, prefill and generate."""
     from vtkit.generate import decode, prefill
     from vtkit.images import load_image, preprocess_images
 
-    synchronize(model.device)
-    started = time.perf_counter()
-    for item in items:
-        pixels = preprocess_images([load_image(selection.image_path(item.question))], "pad")
-        with torch.inference_mode():
-            features, _ = model.encode_images(pixels.to(model.device, model.dtype))
-            projected = model.project(features)
-            visual = gather_rows(projected, top_k_raster(l2_scores(projected), k))
-        decode(model, [item], prefill(model, [item], [visual[0]]), sweep_config, [k])
-    synchronize(model.device)
-    return (time.perf_counter() - started) / len(items)
+    pixels = preprocess_images([load_image(selection.image_path(item.question))], "pad")
+    with torch.inference_mode():
+        features, _ = model.encode_images(pixels.to(model.device, model.dtype))
+        projected = model.project(features)
+        visual = gather_rows(projected, top_k_raster(l2_scores(projected), k))
+    decode(model, [item], prefill(model, [item], [visual[0]]), sweep_config, [k])
+
+
+def seed_style_seconds(model, selection, items, k: int, sweep_config) -> list[float]:
+    """Seconds of each question of the seed-style loop at one k (:func:`time_calls`: CUDA
+    events on a GPU), after one untimed question: batch-1 shapes of a new k are new to the
+    kernels' autotuning caches."""
+    seed_style_question(model, selection, items[0], k, sweep_config)
+    return time_calls([functools.partial(seed_style_question, model, selection, item, k,
+                                         sweep_config) for item in items], model.device)
 
 
 def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
@@ -212,9 +220,30 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     result.update(seed_style_comparison(model, selection, items, config, sweep_config, result))
     result["config"] = {k: (str(v) if isinstance(v, Path) else v)
                         for k, v in asdict(config).items()}
+    if config.profile:
+        result["profile"] = write_profile(timer, out, reporter)
     cache.write_json_atomic(out / "bench.json", result)
     report_bench(result, reporter)
     return result
+
+
+def write_profile(profiler, out: Path, reporter: Reporter) -> dict | None:
+    """profile.json and the timeline of the profiled batches, their tables; the totals by kind
+    (for bench.json), or None with a warning when the sweep had too few batches."""
+    from vtkit.profiling import profile_tables
+
+    summary = profiler.finish()
+    if summary is None:
+        reporter.warn(f"--profile: the sweep ran {profiler.batches_seen} batch(es), none after "
+                      f"the {profiler.warmup} warm-up one(s); nothing was profiled (use more "
+                      f"--questions or a smaller --batch-size)")
+        return None
+    cache.write_json_atomic(out / "profile.json", summary)
+    profiler.write_trace(out / "profile_trace.json.gz")
+    for title, columns, rows in profile_tables(summary):
+        reporter.table(title, columns, rows)
+    return {"file": str(out / "profile.json"), "batches": summary["batches"],
+            "kinds": summary["kinds"]}
 
 
 def build_bench_model(config: BenchConfig, model_dir: Path):
@@ -251,6 +280,7 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
     """Extract and sweep the bench questions from scratch, as a user's run would, timing the
     sweep's phases: (the pipeline's result, the phase timer, the sweep config)."""
     from vtkit.extract import ExtractConfig
+    from vtkit.profiling import BatchProfiler
     from vtkit.sweep import SweepConfig
 
     common = dict(model_path=str(model_dir), base_dir=data_dir, output_dir=run_dir,
@@ -262,7 +292,8 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
                                batch_size=config.batch_size, token_budget=config.token_budget,
                                compile=config.compile, layers=config.layers,
                                captures=list(config.captures))
-    timer = PhaseTimer(model.device)
+    timer = (BatchProfiler(model.device, config.profile_batches) if config.profile
+             else PhaseTimer(model.device))
     run = run_pipeline(ExtractConfig(**common, seed=config.seed), sweep_config,
                        reporter=reporter, model=model, timer=timer)
     return run, timer, sweep_config
@@ -299,19 +330,21 @@ def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float
 
 def seed_style_comparison(model, selection, items, config: BenchConfig, sweep_config,
                           measured: dict) -> dict:
-    """The seed-style loop's seconds per question at the grid's ends, its full sweep
-    extrapolated linearly in k, and the speed-up of the measured sweep over it."""
+    """The seed-style loop's seconds per question at the grid's ends (the median over the
+    questions, and its spread), its full sweep extrapolated linearly in k, and the speed-up of
+    the measured sweep over it."""
     seed_items = items[:max(1, config.seed_questions)]
-    # One untimed pass first: batch-1 shapes are new to the kernels' autotuning caches.
-    seed_style_seconds(model, selection, seed_items[:1], max(config.tokens), sweep_config)
-    seed_cost = {k: seed_style_seconds(model, selection, seed_items, k, sweep_config)
-                 for k in (max(config.tokens), min(config.tokens))}
+    timings = {k: spread(seed_style_seconds(model, selection, seed_items, k, sweep_config))
+               for k in (max(config.tokens), min(config.tokens))}
+    seed_cost = {k: timing["median"] for k, timing in timings.items()}
     k_hi, k_lo = max(seed_cost), min(seed_cost)
     slope = (seed_cost[k_hi] - seed_cost[k_lo]) / max(1, k_hi - k_lo)
     seed_full = len(length_table()) * sum(seed_cost[k_lo] + slope * (k - k_lo)
                                           for k in FULL_GRID)
     return {
         "seed_style_seconds_per_question": {str(k): v for k, v in seed_cost.items()},
+        "seed_style_timings": {str(k): v for k, v in timings.items()},
+        "seed_style_timer": "cuda events" if model.device.type == "cuda" else "perf_counter",
         "seed_style_full_sweep_seconds": seed_full,
         "speedup_over_seed_style": seed_full / measured["projected_full_sweep_seconds"],
     }
@@ -331,5 +364,7 @@ def report_bench(result: dict, reporter: Reporter) -> None:
         ["projected full sweep (s)", result["projected_full_sweep_seconds"]],
         ["FLOP floor (s)", result["flop_floor_seconds"]],
         ["ratio to floor", result["ratio_to_floor"]],
+        ["seed-style s/question (median), k " + " / ".join(result["seed_style_timings"]),
+         " / ".join(f"{t['median']:.4f}" for t in result["seed_style_timings"].values())],
         ["speedup over seed-style loop", result["speedup_over_seed_style"]],
     ])

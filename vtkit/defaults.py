@@ -86,7 +86,21 @@ DEFAULT_BENCH_SHAPE = "tiny"
 DEFAULT_BENCH_QUESTIONS = 32
 #: Random weights never stop at EOS: 2 tokens is what LLaVA-1.5 emits on ScienceQA (letter, EOS).
 DEFAULT_BENCH_MAX_NEW_TOKENS = 2
-#: Questions timed in the seed-style loop (batch 1, vision per k).
-DEFAULT_BENCH_SEED_QUESTIONS = 5
+#: Questions timed in the seed-style loop (batch 1, vision per k): the median of 20 is stable.
+DEFAULT_BENCH_SEED_QUESTIONS = 20
+#: Sweep batches --profile runs torch.profiler over (after one warm-up batch).
+DEFAULT_BENCH_PROFILE_BATCHES = 2
 #: Where the bench writes its model, questions, caches and bench.json.
 DEFAULT_BENCH_DIR = Path("bench_results")
+
+# Defaults of `vtkit cost`.
+#: The k values of the cost table: the unpruned 576 and the budgets pruning papers quote.
+DEFAULT_COST_TOKENS = (576, 448, 320, 192, 128, 64, 32)
+#: Timed calls per measure (after the warm-up ones): the median of at least 20 is quoted.
+DEFAULT_COST_REPEATS = 20
+#: Untimed calls before each measure (kernel autotuning, allocator growth).
+DEFAULT_COST_WARMUP = 3
+#: Timed batches of the throughput measure (each is a whole batch at the automatic size).
+DEFAULT_COST_THROUGHPUT_REPEATS = 5
+#: Where the cost table writes cost.json, its figure, and the shape's model configs.
+DEFAULT_COST_DIR = Path("cost_results")

@@ -233,7 +233,8 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
 @torch.inference_mode()
 def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig,
            ks: list[int]) -> list[str]:
-    """Greedy (temperature 0) or seeded sampled decoding with the KV cache.
+    """Greedy (temperature 0) or seeded sampled decoding with the KV cache of the prefill
+    (each step writes its token into the cache's room, :mod:`vtkit.kvcache`).
 
     Every row stops at EOS; the batch ends once every row has, or at max_new_tokens. The text is
     decoded without special tokens and stripped, as LLaVA's eval script does.
@@ -243,6 +244,9 @@ def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig
     eos, pad = model.eos_token_id, model.pad_token_id
     logits, mask, positions = state.logits, state.mask, state.positions
     done = torch.zeros(len(items), dtype=torch.bool, device=model.device)
+    # The mask of every step is a view of one allocation (each new position is attended).
+    length = mask.shape[1]
+    masks = torch.cat([mask, mask.new_ones((len(items), config.max_new_tokens - 1))], dim=1)
     steps = []
     for step in range(config.max_new_tokens):
         token = _pick_tokens(logits, settings, generators)
@@ -251,10 +255,9 @@ def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig
         done |= token == eos
         if step + 1 == config.max_new_tokens or bool(done.all()):
             break
-        mask = torch.cat([mask, mask.new_ones((len(items), 1))], dim=1)
         positions = positions[:, -1:] + 1
-        hidden = model.run_decoder(model.embed_tokens(token[:, None]), mask, positions,
-                                   state.past)
+        hidden = model.run_decoder(model.embed_tokens(token[:, None]),
+                                   masks[:, :length + step + 1], positions, state.past)
         logits = model.lm_head(hidden[:, -1])
     answers = []
     for row in torch.stack(steps, dim=1).tolist():
@@ -295,7 +298,7 @@ def default_token_budget(model, slots: int = 2) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = torch.finfo(model.dtype).bits // 8
     kv = 2 * config.num_hidden_layers * heads * head_dim * width
-    # Per token: the KV cache twice (a decode step concatenates a new copy of it), a few
+    # Per token: the KV cache twice (a budget with one copy once ran out of memory), a few
     # hidden-size activations and the MLP intermediate; 40% of free memory stays for the
     # allocator, the captured rows and their Gram matrices.
     activations = (6 * config.hidden_size + 2 * config.intermediate_size) * width

@@ -663,11 +663,13 @@ class LlavaModel:
                 cls.forward = torch.compile(cls.forward, dynamic=True)
                 cls.forward._vtkit_compiled = True
 
-    def new_cache(self):
-        """An empty KV cache for :meth:`run_decoder`."""
-        from transformers import DynamicCache
+    def new_cache(self, headroom: int | None = None):
+        """An empty KV cache for :meth:`run_decoder` whose decode steps append in place
+        (:class:`vtkit.kvcache.RoomyCache`; ``headroom``: free positions per layer after the
+        prefill, default :data:`vtkit.kvcache.DECODE_HEADROOM`)."""
+        from vtkit import kvcache
 
-        return DynamicCache()
+        return kvcache.RoomyCache(self.num_layers, headroom or kvcache.DECODE_HEADROOM)
 
     def run_decoder(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor, cache) -> torch.Tensor:

@@ -124,3 +124,52 @@ class NullTimer:
 
     def totals(self) -> dict[str, float]:
         return {}
+
+
+def time_repeats(run, device, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run()`` after ``warmup`` untimed ones
+    (:func:`time_calls`)."""
+    for _ in range(warmup):
+        run()
+    return time_calls([run] * repeats, device)
+
+
+def time_calls(calls, device) -> list[float]:
+    """Seconds of each call of ``calls`` (functions of no argument), made in order.
+
+    On CUDA each call is bracketed by a pair of events: the GPU time from the call's first
+    queued work to its last, host launch gaps included, with no synchronisation added between
+    calls (one at the end). Elsewhere the clock brackets each call (CPU work is done when the
+    call returns).
+    """
+    import time
+
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        seconds = []
+        for call in calls:
+            began = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - began)
+        return seconds
+    torch.cuda.synchronize(device)
+    pairs = []
+    for call in calls:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1000.0 for start, end in pairs]
+
+
+def spread(seconds: list[float]) -> dict[str, float]:
+    """Median, quartiles, extremes (seconds) and count of repeated timings."""
+    import numpy as np
+
+    values = np.asarray(seconds, dtype=np.float64)
+    q25, median, q75 = np.percentile(values, [25, 50, 75])
+    return {"median": float(median), "q25": float(q25), "q75": float(q75),
+            "min": float(values.min()), "max": float(values.max()), "repeats": len(seconds)}

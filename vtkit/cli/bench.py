@@ -16,6 +16,7 @@ from vtkit.cli.options import (
     JsonOpt,
     LayersOpt,
     MaxNewTokensOpt,
+    ShapeOpt,
     TokenBudgetOpt,
     TokensOpt,
     resolve_tokens,
@@ -25,6 +26,7 @@ from vtkit.cli.output import print_json
 from vtkit.defaults import (
     DEFAULT_BENCH_DIR,
     DEFAULT_BENCH_MAX_NEW_TOKENS,
+    DEFAULT_BENCH_PROFILE_BATCHES,
     DEFAULT_BENCH_QUESTIONS,
     DEFAULT_BENCH_SEED_QUESTIONS,
     DEFAULT_BENCH_SHAPE,
@@ -36,11 +38,15 @@ from vtkit.defaults import (
     DEFAULT_STEP,
 )
 
-ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
 QuestionsOpt = Annotated[int, typer.Option(
     "--questions", min=1, help="Synthetic image questions in the measured sweep.")]
 SeedQuestionsOpt = Annotated[int, typer.Option(
     "--seed-questions", min=1, help="Questions timed in the seed-style loop (batch 1).")]
+ProfileOpt = Annotated[bool, typer.Option(
+    "--profile", help="Run torch.profiler over a few sweep batches after a warm-up one; write "
+                      "profile.json (top kernels, time by kind) and its timeline.")]
+ProfileBatchesOpt = Annotated[int, typer.Option(
+    "--profile-batches", min=1, help="Sweep batches that --profile profiles.")]
 BenchDirOpt = Annotated[Path, typer.Option("--output-dir", help="Where the bench writes.")]
 
 
@@ -57,6 +63,8 @@ def bench(
     compile_decoder: CompileOpt = False,
     layers: LayersOpt = DEFAULT_LAYERS,
     capture: CaptureOpt = DEFAULT_CAPTURE,
+    profile: ProfileOpt = False,
+    profile_batches: ProfileBatchesOpt = DEFAULT_BENCH_PROFILE_BATCHES,
     output_dir: BenchDirOpt = DEFAULT_BENCH_DIR,
     json_output: JsonOpt = False,
 ) -> None:
@@ -66,7 +74,9 @@ def bench(
     image questions whose lengths follow the real ScienceQA test set, runs extract and the sweep
     exactly as `vtkit sweep` does, and compares with a seed-style loop (batch 1, vision per k).
 
-    --layers all measures the cost of capturing every decoder layer.
+    --layers all measures the cost of capturing every decoder layer. --profile adds a
+    torch.profiler summary of a few sweep batches (profile.json; its batches run slower, so
+    quote throughput from a run without it).
 
     Example: vtkit bench --shape llava-1.5-7b --questions 256 --device cuda --dtype bfloat16
     --layers all
@@ -80,7 +90,8 @@ def bench(
         device=device, dtype=dtype,
         batch_size=batch_size, token_budget=token_budget, max_new_tokens=max_new_tokens,
         seed_questions=seed_questions, compile=compile_decoder, layers=layers,
-        captures=split_captures(capture), output_dir=output_dir)
+        captures=split_captures(capture), profile=profile, profile_batches=profile_batches,
+        output_dir=output_dir)
     result = run_bench(config, RichReporter())
     if json_output:
         print_json(result)

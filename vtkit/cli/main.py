@@ -28,6 +28,7 @@ from vtkit.cli import (  # noqa: E402
     bench,
     compare,
     convert,
+    cost,
     demo,
     extract,
     plot,
@@ -90,6 +91,7 @@ COMMANDS = {
     "demo": demo.demo,
     "convert": convert.convert,
     "bench": bench.bench,
+    "cost": cost.cost,
 }
 
 for _name, _command in COMMANDS.items():

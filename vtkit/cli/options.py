@@ -135,6 +135,7 @@ CaptureOpt = Annotated[str, typer.Option(
          f"concatenated heads; hidden: the decoder layer's output).")]
 TokenBudgetOpt = Annotated[int | None, typer.Option(
     "--token-budget", min=1, help="Prefill tokens per forward (default: from free GPU memory).")]
+ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the decoder's MLP and norms for prefill throughput (the "
                       "first batches compile).")]
