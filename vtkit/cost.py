@@ -187,7 +187,7 @@ def lm_shape(model) -> LMShape:
 
 def measure_k(model, item, k: int, config: CostConfig) -> dict:
     """One row of the table: timings, KV bytes and FLOPs of the question at k."""
-    from vtkit.generate import _pick_tokens, decode, default_token_budget, prefill
+    from vtkit.generate import decode, default_token_budget, pick_tokens, prefill
     from vtkit.sweep import SweepConfig
 
     visual = visual_rows(model, k, config.seed)
@@ -196,7 +196,7 @@ def measure_k(model, item, k: int, config: CostConfig) -> dict:
 
     def first_token() -> list[int]:
         state = prefill(model, [item], [visual])
-        return _pick_tokens(state.logits, {"temperature": 0.0}, None).tolist()
+        return pick_tokens(state.logits, {"temperature": 0.0}, None).tolist()
 
     prefill_seconds = time_repeats(lambda: prefill(model, [item], [visual]), device,
                                    config.repeats, config.warmup)
@@ -266,7 +266,7 @@ def write_cost_figure(result: dict, stem: Path) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from vtkit.plot import _save
+    from vtkit.plot import save_figure
 
     rows = sorted(result["rows"], key=lambda r: r["k"])
     k = [r["k"] for r in rows]
@@ -289,7 +289,7 @@ def write_cost_figure(result: dict, stem: Path) -> list[Path]:
         axes.grid(alpha=0.3)
     figure.suptitle(f"Cost per k: {result['model']}, {result['dtype']} on {result['device']} "
                     f"({result['text_tokens']} text tokens)")
-    return _save(figure, stem)
+    return save_figure(figure, stem)
 
 
 def report_cost(result: dict, reporter: Reporter) -> None:

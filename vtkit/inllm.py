@@ -28,10 +28,10 @@ from vtkit.errors import UsageError
 from vtkit.generate import (
     Prefill,
     PreparedItem,
-    _generators,
-    _pick_tokens,
     clean_answer,
     decode_settings,
+    pick_tokens,
+    row_generators,
 )
 from vtkit.pruning import gather_rows, left_pad, splice_sequence
 
@@ -305,7 +305,7 @@ def decode(model, items: list[PreparedItem], state: Prefill, config, ks: list[in
     """Greedy or seeded sampled decoding from a pruned prefill's caches (the stopping rule
     and answer cleaning of :func:`vtkit.generate.decode`)."""
     runner = PrunedLM(model, prune_layer)
-    generators = _generators(items, ks, config, model.device)
+    generators = row_generators(items, ks, config, model.device)
     settings = decode_settings(config, model)
     eos, pad = model.eos_token_id, model.pad_token_id
     logits, (valid_full, valid_pruned) = state.logits, state.mask
@@ -314,7 +314,7 @@ def decode(model, items: list[PreparedItem], state: Prefill, config, ks: list[in
     steps = []
     groups = (range(prune_layer), range(prune_layer, len(runner.layers)))
     for step in range(config.max_new_tokens):
-        token = _pick_tokens(logits, settings, generators)
+        token = pick_tokens(logits, settings, generators)
         token = torch.where(done, torch.full_like(token, pad), token)
         steps.append(token)
         done |= token == eos
