@@ -135,7 +135,7 @@ def sampling_candidates(logits: torch.Tensor, temperature: float, top_k: int,
     return values, top.indices
 
 
-def _pick_tokens(logits: torch.Tensor, decode: dict,
+def pick_tokens(logits: torch.Tensor, decode: dict,
                  generators: list[torch.Generator] | None) -> torch.Tensor:
     """Each row's next token: the argmax, or a seeded sample of :func:`sampling_candidates`."""
     if decode["temperature"] <= 0:
@@ -163,7 +163,7 @@ def decode_settings(config: SweepConfig, model) -> dict:
     return settings
 
 
-def _generators(items: list[PreparedItem], ks: list[int], config: SweepConfig,
+def row_generators(items: list[PreparedItem], ks: list[int], config: SweepConfig,
                 device) -> list | None:
     """One generator per (question, k), seeded by both and ``--seed``; None when greedy."""
     if config.temperature <= 0:
@@ -233,13 +233,12 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
 @torch.inference_mode()
 def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig,
            ks: list[int]) -> list[str]:
-    """Greedy (temperature 0) or seeded sampled decoding with the KV cache of the prefill
-    (each step writes its token into the cache's room, :mod:`vtkit.kvcache`).
+    """Greedy (temperature 0) or seeded sampled decoding with the KV cache of the prefill.
 
     Every row stops at EOS; the batch ends once every row has, or at max_new_tokens. The text is
     decoded without special tokens and stripped, as LLaVA's eval script does.
     """
-    generators = _generators(items, ks, config, model.device)
+    generators = row_generators(items, ks, config, model.device)
     settings = decode_settings(config, model)
     eos, pad = model.eos_token_id, model.pad_token_id
     logits, mask, positions = state.logits, state.mask, state.positions
@@ -249,7 +248,7 @@ def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig
     masks = torch.cat([mask, mask.new_ones((len(items), config.max_new_tokens - 1))], dim=1)
     steps = []
     for step in range(config.max_new_tokens):
-        token = _pick_tokens(logits, settings, generators)
+        token = pick_tokens(logits, settings, generators)
         token = torch.where(done, torch.full_like(token, pad), token)
         steps.append(token)
         done |= token == eos

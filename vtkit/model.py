@@ -663,13 +663,13 @@ class LlavaModel:
                 cls.forward = torch.compile(cls.forward, dynamic=True)
                 cls.forward._vtkit_compiled = True
 
-    def new_cache(self, headroom: int | None = None):
-        """An empty KV cache for :meth:`run_decoder` whose decode steps append in place
-        (:class:`vtkit.kvcache.RoomyCache`; ``headroom``: free positions per layer after the
-        prefill, default :data:`vtkit.kvcache.DECODE_HEADROOM`)."""
-        from vtkit import kvcache
+    def new_cache(self):
+        """An empty KV cache for :meth:`run_decoder` (transformers' ``DynamicCache``; a cache
+        with room for the decode steps measured slower on the sweep's 2-token answers,
+        docs/performance.md)."""
+        from transformers import DynamicCache
 
-        return kvcache.RoomyCache(self.num_layers, headroom or kvcache.DECODE_HEADROOM)
+        return DynamicCache()
 
     def run_decoder(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor, cache) -> torch.Tensor:
