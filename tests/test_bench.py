@@ -51,6 +51,13 @@ def test_bench_runs_the_real_path_on_the_tiny_shape(tmp_path):
         result["phase_seconds"])
     assert result["projected_full_sweep_seconds"] > result["flop_floor_seconds"] > 0
     assert (tmp_path / "run" / "sweep.h5").is_file()
+    # The plain-forward baseline: its tokens/s and MFU follow from its own median time.
+    plain = saved["plain_forward"]
+    assert plain["seconds"]["repeats"] == 5
+    assert plain["tokens_per_s"] == pytest.approx(
+        plain["batch"] * plain["length"] / plain["seconds"]["median"])
+    assert plain["mfu"] == pytest.approx(
+        plain["tokens_per_s"] * 2 * saved["lm_parameters"] / (saved["matmul_peak_tflops"] * 1e12))
     # The seed-style loop: each of its questions timed alone, the median quoted.
     assert set(saved["seed_style_timings"]) == {"576", "20"}
     for k, timing in saved["seed_style_timings"].items():

@@ -44,6 +44,9 @@ from vtkit.pruning import gather_rows, l2_scores, token_grid, top_k_raster
 
 LENGTHS_FILE = Path(__file__).resolve().parent / "assets" / "cqma_test_lengths.json"
 MODEL_SHAPES = ("tiny", "llava-1.5-7b")   # the --shape values
+#: (batch, tokens per row) of the plain-forward baseline: a sweep-sized batch on a GPU (64 rows
+#: of the longest k=576 prompt length), a small one on the CPU.
+PLAIN_FORWARD_SHAPE = {True: (64, 708), False: (2, 64)}
 FULL_GRID = token_grid(DEFAULT_MIN_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_STEP)  # 57 values
 
 
@@ -123,6 +126,25 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         a @ b
     synchronize(device)
     return 2 * size ** 3 * repeats / (time.perf_counter() - started)
+
+
+def plain_forward(model, batch: int, length: int, repeats: int) -> dict:
+    """The reference the sweep is held against: the language model's own forward over random
+    embeddings of ``batch`` rows of ``length`` tokens, no padding mask, no cache, no capture,
+    timed by :func:`time_calls` (median of ``repeats`` after one warm-up call)."""
+    from vtkit.progress import spread, time_calls
+
+    embeds = torch.randn(batch, length, model.hidden_size, device=model.device,
+                         dtype=model.dtype) * 0.02
+
+    @torch.inference_mode()
+    def forward() -> None:
+        model.language_model(inputs_embeds=embeds, use_cache=False)
+
+    forward()
+    seconds = spread(time_calls([forward] * repeats, model.device))
+    return {"batch": batch, "length": length, "seconds": seconds,
+            "tokens_per_s": batch * length / seconds["median"]}
 
 
 def write_bench_questions(base_dir: Path, tokenizer, lengths: list[int], seed: int = 0) -> Path:
@@ -217,6 +239,10 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     items = prepare_items(selection.questions, model.tokenizer, sweep_config)
     flop_per_token = 2 * result["lm_parameters"]
     result.update(throughput(config, run, timer.totals(), items, flop_per_token, peak))
+    baseline = plain_forward(model, *PLAIN_FORWARD_SHAPE[model.device.type == "cuda"],
+                             repeats=5)
+    baseline["mfu"] = baseline["tokens_per_s"] * flop_per_token / peak
+    result["plain_forward"] = baseline
     result.update(seed_style_comparison(model, selection, items, config, sweep_config, result))
     result["config"] = {k: (str(v) if isinstance(v, Path) else v)
                         for k, v in asdict(config).items()}
@@ -357,6 +383,10 @@ def report_bench(result: dict, reporter: Reporter) -> None:
         ["vision + extract (images/s)", result["vision_images_per_s"]],
         ["prefill tokens/s (whole sweep)", result["prefill_tokens_per_s"]],
         ["MFU", f"{100 * result['mfu']:.1f}%"],
+        [f"plain forward tokens/s (batch {result['plain_forward']['batch']} x "
+         f"{result['plain_forward']['length']}, no mask)",
+         result["plain_forward"]["tokens_per_s"]],
+        ["plain forward MFU", f"{100 * result['plain_forward']['mfu']:.1f}%"],
         ["decode share", f"{100 * result['decode_share']:.1f}%"],
         ["capture + SVD share", f"{100 * result['capture_svd_share']:.1f}%"],
         ["padding overhead", f"{100 * result['padding_overhead']:.1f}%"],
