@@ -258,13 +258,17 @@ def test_compare_gives_equivalent_tokens_and_flops_of_in_llm_runs(floor_run, tin
     shape = LMShape.from_config(LlavaConfig.from_pretrained(tiny_models["hf"]).text_config)
     rows = {row["k"]: row for row in result.document["table"]}
     assert result.document["methods"][0]["label"] == "fastv (K=2)"
-    for k in (576, 64, 0):
+    for k in (576, 64):
         assert rows[k]["equivalent_tokens"] == pytest.approx(
             (2 * 576 + (shape.layers - 2) * k) / shape.layers)
         assert rows[k]["equivalent_tokens"] == equivalent_tokens(k, shape.layers, 2, 576)
         flops = [prefill_flops(shape, int(t), k, prune_layer=2, visual_before=576)
                  for t in text_tokens]
         assert rows[k]["flops_per_question"] == pytest.approx(np.mean(flops))
+    # k = 0 is the floor: no visual token in any layer, the text alone.
+    assert rows[0]["equivalent_tokens"] == 0.0
+    assert rows[0]["flops_per_question"] == pytest.approx(
+        np.mean([prefill_flops(shape, int(t), 0) for t in text_tokens]))
     # The layers before K see all 576 tokens: pruning at k costs more than k from the start.
     assert rows[64]["flops_per_question"] > np.mean(
         [prefill_flops(shape, int(t), 64) for t in text_tokens])

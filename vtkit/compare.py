@@ -261,11 +261,13 @@ def table_rows(method: Method, series: dict[str, Any]) -> tuple[list[dict], list
                 row[key + suffix] = _number(series[key + suffix][i])
         row["equivalent_tokens"] = row["flops_per_question"] = None
         if run.lm_shape is not None and run.num_patches is not None:
-            row["equivalent_tokens"] = equivalent_tokens(k, run.lm_shape.layers,
-                                                         method.prune_layer, run.num_patches)
+            # k = 0 is the floor for every method: no visual token in any layer.
+            prune_layer = method.prune_layer if k > 0 else None
+            row["equivalent_tokens"] = equivalent_tokens(k, run.lm_shape.layers, prune_layer,
+                                                         run.num_patches)
             if image_tokens is not None and image_tokens.size:
                 row["flops_per_question"] = question_flops(run.lm_shape, image_tokens, k,
-                                                           method.prune_layer, run.num_patches)
+                                                           prune_layer, run.num_patches)
         rows.append(row)
     return rows, [k for k in TABLE_TOKENS if k not in grid]
 

@@ -1140,8 +1140,10 @@ def in_llm_pruning(config: SweepConfig, model) -> dict:
         "token_counts": f"image tokens kept from decoder layer {config.prune_layer} on; layers "
                         f"0..{config.prune_layer - 1} see all {model.num_patches}",
         "visual_tokens_before": int(model.num_patches),
+        # k = 0 prompts without the image at all (the floor), in every layer.
         "equivalent_tokens": [equivalent_tokens(k, model.num_layers, config.prune_layer,
-                                                model.num_patches) for k in config.tokens],
+                                                model.num_patches) if k else 0.0
+                              for k in config.tokens],
     }
 
 
