@@ -303,3 +303,28 @@ def test_the_layout_names_are_the_documented_ones():
     assert cache.STALE_AFTER_EXTRACT == (
         ("sweep.h5", "sweep.parts", "ranks.json", "raw_results.json", "normalized_results.json"),
         ("answers/k*.jsonl", *figures))
+
+
+def test_in_llm_rows_are_budgeted_at_their_full_visual_length():
+    """Rows pruned inside the model run their first layers at text + all visual tokens: the
+    token budget must count them there, or a batch that fits at k overflows before pruning."""
+    from vtkit.data import Question
+    from vtkit.generate import PreparedItem
+    from vtkit.sweep import _batches
+
+    def item(index: int, text: int) -> PreparedItem:
+        question = Question(question_id=str(index), text="q")
+        return PreparedItem(index, question, "q", list(range(text)), [])
+
+    rows = [(item(i, 100), 64) for i in range(8)]
+    # 8 rows of 164 tokens fit a budget of 1400; at 100 + 576 tokens only 2 rows do.
+    assert [len(b) for b in _batches(rows, None, 1400)] == [8]
+    batches = _batches(rows, None, 1400, full_visual=576)
+    assert [len(b) for b in batches] == [2, 2, 2, 2]
+    assert all(len(b) * (100 + 576) <= 1400 for b in batches)
+    # The longest text of a batch sets its full length, whatever the row's own k.
+    # Two rows of 320 tokens; before pruning 300 + 576 and 280 + 576.
+    mixed = [(item(0, 300), 20), (item(1, 280), 40)]
+    assert [len(b) for b in _batches(mixed, None, 1730)] == [2]
+    assert [len(b) for b in _batches(mixed, None, 1730, full_visual=576)] == [1, 1]
+    assert [len(b) for b in _batches(mixed, None, 1752, full_visual=576)] == [2]

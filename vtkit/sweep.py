@@ -729,35 +729,43 @@ class _BatchRunner:
 
 
 def _batches(rows: list[tuple[PreparedItem, int]], batch_size: int | None, budget: int,
-             max_padding: float = 0.05) -> list[list[tuple[PreparedItem, int]]]:
+             max_padding: float = 0.05,
+             full_visual: int = 0) -> list[list[tuple[PreparedItem, int]]]:
     """Length-sorted batches of (question, k) rows.
 
     Sorting every (question, k) of a chunk by prompt length, whatever its k, packs rows of
     nearly equal length together: batches fill the token budget with little padding. A batch
     closes when the next row would exceed ``batch_size`` rows, or ``budget`` padded tokens,
-    or make padding more than ``max_padding`` of the batch's tokens.
+    or make padding more than ``max_padding`` of the batch's tokens. With ``full_visual``
+    (pruning inside the model: the first layers see every visual token) the budget counts each
+    row at its text plus ``full_visual`` tokens, the length those layers run at.
     """
     ordered = sorted(rows, key=lambda r: (r[0].text_length + r[1], r[0].index, r[1]))
-    batches, current, useful = [], [], 0
+    batches, current, useful, widest = [], [], 0, 0
     for item, k in ordered:
         length = item.text_length + k          # the longest so far: lengths ascend
         padded = (len(current) + 1) * length
-        full = len(current) == batch_size if batch_size else padded > budget
+        before_pruning = (len(current) + 1) * max(widest, item.text_length + full_visual)
+        full = (len(current) == batch_size if batch_size
+                else max(padded, before_pruning) > budget)
         wasteful = padded - (useful + length) > max_padding * padded
         if current and (full or wasteful):
             batches.append(current)
-            current, useful = [], 0
+            current, useful, widest = [], 0, 0
         current.append((item, k))
         useful += length
+        widest = max(widest, item.text_length + full_visual)
     if current:
         batches.append(current)
     return batches
 
 
 def _plan(chunks: list[list[PreparedItem]], text_items: list[PreparedItem],
-          config: SweepConfig, done: dict[int, set[int]], budget: int) -> tuple[list, list]:
+          config: SweepConfig, done: dict[int, set[int]], budget: int,
+          num_patches: int = 0) -> tuple[list, list]:
     """The batches of the (question, k) rows no part holds yet: per chunk of image questions,
-    and of the text-only questions."""
+    and of the text-only questions. An in-LLM scorer's rows run their first layers with all
+    ``num_patches`` visual tokens: the budget counts them at that length."""
     text_rows = [(it, 0) for it in text_items if it.index not in done.get(0, set())]
     # Image questions at k = 0 need no features: they run in batches of their own, as text.
     bare_rows = [(it, 0) for chunk in chunks for it in chunk
@@ -766,7 +774,8 @@ def _plan(chunks: list[list[PreparedItem]], text_items: list[PreparedItem],
     for chunk in chunks:
         rows = [(it, k) for it in chunk for k in config.tokens
                 if k and it.index not in done.get(k, set())]
-        plan.append(_batches(rows, config.batch_size, budget) if rows else [])
+        full = num_patches if config.scorer in IN_LLM_SCORERS else 0
+        plan.append(_batches(rows, config.batch_size, budget, full_visual=full) if rows else [])
     text_batches = (_batches(text_rows, config.batch_size, budget)
                     + _batches(bare_rows, config.batch_size, budget))
     return plan, text_batches
@@ -782,7 +791,7 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     """
     chunk_size = 512 if model.device.type == "cuda" else 1024
     chunks = [image_items[i:i + chunk_size] for i in range(0, len(image_items), chunk_size)]
-    plan, text_batches = _plan(chunks, text_items, config, done, budget)
+    plan, text_batches = _plan(chunks, text_items, config, done, budget, model.num_patches)
     total = len(text_batches) + sum(len(b) for b in plan)
     if total == 0:
         return 0
