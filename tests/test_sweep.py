@@ -328,3 +328,20 @@ def test_in_llm_rows_are_budgeted_at_their_full_visual_length():
     assert [len(b) for b in _batches(mixed, None, 1730)] == [2]
     assert [len(b) for b in _batches(mixed, None, 1730, full_visual=576)] == [1, 1]
     assert [len(b) for b in _batches(mixed, None, 1752, full_visual=576)] == [2]
+
+
+def test_the_sweep_keeps_cudnn_attention_off_on_cuda_only():
+    """cuDNN's SDPA builds a plan per new shape; the sweep's batches all have new shapes."""
+    import torch
+
+    from vtkit.sweep import sweep_attention_backends
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+    with sweep_attention_backends(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(),
+            torch.backends.cuda.flash_sdp_enabled()) == before
+    with sweep_attention_backends(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]

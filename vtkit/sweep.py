@@ -801,9 +801,10 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     runner = _BatchRunner(model, config, store, writer, ActivationCapture(model, captures, layers),
                           keep, timer, _PinnedBuffers(writer.limit + 1, writer.max_bytes))
     limits = threadpool_limits(limits=1, user_api="blas") if workers else nullcontext()
+    attention = sweep_attention_backends(model.device)
     tokens_done = 0
     try:
-        with limits, \
+        with limits, attention, \
                 reporter.task("sweep", total=total, unit="batches", work_unit="tokens") as task, \
                 (h5py.File(features_path, "r") if image_items else nullcontext()) as features:
             for batch in text_batches:
@@ -842,6 +843,21 @@ def _k_groups(ks: list[int]) -> dict[int, list[int]]:
 def _gram_bytes(captured: dict, ks: list[int], widths: dict) -> int:
     """Bytes of the float64 Gram matrices of a batch: min(k, d)^2 per row and slot."""
     return sum(8 * min(k, widths[slot]) ** 2 for slot in captured for k in ks)
+
+
+def sweep_attention_backends(device: torch.device):
+    """The SDPA kernels the sweep's forwards may use: on CUDA flash, memory-efficient and math,
+    not cuDNN's. cuDNN's attention builds an execution plan on the CPU for every new shape
+    (about 30 ms per call on an H200 host, profiled) and nearly every sweep batch has a new
+    length, so the GPU waited for it in every layer; without it a 7B sweep ran 15% faster
+    (docs/performance.md). Elsewhere (extract, the cost table, batch-1 timings) shapes repeat
+    and torch's default choice stays."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None) -> _HostGrams:
