@@ -258,10 +258,16 @@ def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig
         hidden = model.run_decoder(model.embed_tokens(token[:, None]),
                                    masks[:, :length + step + 1], positions, state.past)
         logits = model.lm_head(hidden[:, -1])
+    return answer_texts(model, steps)
+
+
+def answer_texts(model, steps: list[torch.Tensor]) -> list[str]:
+    """Each row's answer from its decoded tokens (one [B] tensor per step): up to its EOS,
+    decoded without special tokens, cleaned as :func:`clean_answer` says."""
     answers = []
     for row in torch.stack(steps, dim=1).tolist():
-        if eos in row:
-            row = row[:row.index(eos)]
+        if model.eos_token_id in row:
+            row = row[:row.index(model.eos_token_id)]
         answers.append(clean_answer(model.tokenizer.decode(row, skip_special_tokens=True)))
     return answers
 

@@ -28,7 +28,7 @@ from vtkit.errors import UsageError
 from vtkit.generate import (
     Prefill,
     PreparedItem,
-    clean_answer,
+    answer_texts,
     decode_settings,
     pick_tokens,
     row_generators,
@@ -328,12 +328,7 @@ def decode(model, items: list[PreparedItem], state: Prefill, config, ks: list[in
         for group, valid in zip(groups, (valid_full, valid_pruned), strict=True):
             hidden, _ = runner.run(hidden, position, valid[:, None, :], group, state.past)
         logits = model.lm_head(runner.lm.norm(hidden[:, -1]))
-    answers = []
-    for row in torch.stack(steps, dim=1).tolist():
-        if eos in row:
-            row = row[:row.index(eos)]
-        answers.append(clean_answer(model.tokenizer.decode(row, skip_special_tokens=True)))
-    return answers
+    return answer_texts(model, steps)
 
 
 def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor], config, capture,
