@@ -871,14 +871,14 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
     the CPU the tensors are simply returned.
     """
     groups = _k_groups(ks)
+    device = next(iter(captured.values())).device
+    # One index tensor per k, not per (slot, k): each copy from host memory waits for the GPU.
+    index = {k: torch.tensor(members, device=device) for k, members in groups.items() if k}
     grams = {}
     for (capture, layer), rows in captured.items():
-        for k, members in groups.items():
-            if k == 0:
-                continue        # no visual rows: an empty spectrum
-            index = torch.tensor(members, device=rows.device)
-            grams[capture, layer, k] = gram_matrices(rows[index, :k])
-    if rows.device.type != "cuda" or pinned is None:
+        for k in index:
+            grams[capture, layer, k] = gram_matrices(rows[index[k], :k])
+    if device.type != "cuda" or pinned is None:
         return _HostGrams(grams, groups)
     buffer = pinned.take(sum(g.numel() for g in grams.values()))
     host, offset = {}, 0
