@@ -233,19 +233,33 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
 @torch.inference_mode()
 def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig,
            ks: list[int]) -> list[str]:
-    """Greedy (temperature 0) or seeded sampled decoding with the KV cache of the prefill.
+    """Greedy (temperature 0) or seeded sampled decoding with the KV cache of the prefill
+    (:func:`decode_loop`)."""
+    length = state.mask.shape[1]
+    # The mask of every step is a view of one allocation (each new position is attended).
+    masks = torch.cat([state.mask, state.mask.new_ones((len(items), config.max_new_tokens - 1))],
+                      dim=1)
+    last = state.positions[:, -1:]
 
-    Every row stops at EOS; the batch ends once every row has, or at max_new_tokens. The text is
-    decoded without special tokens and stripped, as LLaVA's eval script does.
-    """
+    def forward(token: torch.Tensor, step: int) -> torch.Tensor:
+        hidden = model.run_decoder(model.embed_tokens(token[:, None]),
+                                   masks[:, :length + step + 1], last + step + 1, state.past)
+        return model.lm_head(hidden[:, -1])
+
+    return decode_loop(model, items, ks, config, state.logits, forward)
+
+
+def decode_loop(model, items: list[PreparedItem], ks: list[int], config: SweepConfig,
+                logits: torch.Tensor, forward) -> list[str]:
+    """The decoding rule of every path: each step picks every row's token (the argmax, or a
+    seeded sample as generate() samples), rows past their EOS get padding, and the batch ends
+    once every row has stopped or at max_new_tokens. ``forward(token, step)`` runs step
+    ``step``'s tokens [B] through the cache and returns the next logits. Returns the answers,
+    decoded without special tokens and stripped, as LLaVA's eval script does."""
     generators = row_generators(items, ks, config, model.device)
     settings = decode_settings(config, model)
     eos, pad = model.eos_token_id, model.pad_token_id
-    logits, mask, positions = state.logits, state.mask, state.positions
     done = torch.zeros(len(items), dtype=torch.bool, device=model.device)
-    # The mask of every step is a view of one allocation (each new position is attended).
-    length = mask.shape[1]
-    masks = torch.cat([mask, mask.new_ones((len(items), config.max_new_tokens - 1))], dim=1)
     steps = []
     for step in range(config.max_new_tokens):
         token = pick_tokens(logits, settings, generators)
@@ -254,10 +268,7 @@ def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig
         done |= token == eos
         if step + 1 == config.max_new_tokens or bool(done.all()):
             break
-        positions = positions[:, -1:] + 1
-        hidden = model.run_decoder(model.embed_tokens(token[:, None]),
-                                   masks[:, :length + step + 1], positions, state.past)
-        logits = model.lm_head(hidden[:, -1])
+        logits = forward(token, step)
     return answer_texts(model, steps)
 
 

@@ -25,14 +25,7 @@ import math
 import torch
 
 from vtkit.errors import UsageError
-from vtkit.generate import (
-    Prefill,
-    PreparedItem,
-    answer_texts,
-    decode_settings,
-    pick_tokens,
-    row_generators,
-)
+from vtkit.generate import Prefill, PreparedItem, decode_loop
 from vtkit.pruning import gather_rows, left_pad, splice_sequence
 
 #: DART's pivots (the official LLaVA-1.5 scripts): image tokens and post-image text tokens with
@@ -302,33 +295,25 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor], ks: li
 @torch.inference_mode()
 def decode(model, items: list[PreparedItem], state: Prefill, config, ks: list[int],
            prune_layer: int) -> list[str]:
-    """Greedy or seeded sampled decoding from a pruned prefill's caches (the stopping rule
-    and answer cleaning of :func:`vtkit.generate.decode`)."""
+    """Greedy or seeded sampled decoding from a pruned prefill's caches
+    (:func:`vtkit.generate.decode_loop`): each new token attends to the full-length cache in
+    the layers before ``prune_layer`` and to the pruned one from it on."""
     runner = PrunedLM(model, prune_layer)
-    generators = row_generators(items, ks, config, model.device)
-    settings = decode_settings(config, model)
-    eos, pad = model.eos_token_id, model.pad_token_id
-    logits, (valid_full, valid_pruned) = state.logits, state.mask
-    position = state.positions[:, -1:]
-    done = torch.zeros(len(items), dtype=torch.bool, device=model.device)
-    steps = []
     groups = (range(prune_layer), range(prune_layer, len(runner.layers)))
-    for step in range(config.max_new_tokens):
-        token = pick_tokens(logits, settings, generators)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        steps.append(token)
-        done |= token == eos
-        if step + 1 == config.max_new_tokens or bool(done.all()):
-            break
-        position = position + 1
-        new = valid_full.new_ones((len(items), 1))
-        valid_full = torch.cat([valid_full, new], dim=1)
-        valid_pruned = torch.cat([valid_pruned, new], dim=1)
+    # Each group's mask for every step is a view of one allocation (new positions attended).
+    room = (len(items), config.max_new_tokens - 1)
+    masks = [torch.cat([valid, valid.new_ones(room)], dim=1) for valid in state.mask]
+    lengths = [valid.shape[1] for valid in state.mask]
+    last = state.positions[:, -1:]
+
+    def forward(token: torch.Tensor, step: int) -> torch.Tensor:
         hidden = model.embed_tokens(token[:, None])
-        for group, valid in zip(groups, (valid_full, valid_pruned), strict=True):
-            hidden, _ = runner.run(hidden, position, valid[:, None, :], group, state.past)
-        logits = model.lm_head(runner.lm.norm(hidden[:, -1]))
-    return answer_texts(model, steps)
+        for group, mask, length in zip(groups, masks, lengths, strict=True):
+            valid = mask[:, :length + step + 1]
+            hidden, _ = runner.run(hidden, last + step + 1, valid[:, None, :], group, state.past)
+        return model.lm_head(runner.lm.norm(hidden[:, -1]))
+
+    return decode_loop(model, items, ks, config, state.logits, forward)
 
 
 def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor], config, capture,
