@@ -1,12 +1,21 @@
 """Shared fixtures: the real reference data in tests/data (ScienceQA question file and splits,
 the Llama-2 tokenizer, prompt/id vectors; tests/data/README.md gives their sources), the tiny
-checkpoints and the demo ScienceQA folder (each built once per test session)."""
+checkpoints and the demo ScienceQA folder (each built once per test session).
+
+Without a GPU, Triton (when installed) runs in its interpreter: the device eigensolver's kernels
+are tested on the CPU. The setting must precede Triton's import, so it is made here.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA = Path(__file__).resolve().parent / "data"
 

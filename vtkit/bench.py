@@ -30,6 +30,7 @@ from vtkit.defaults import (
     DEFAULT_CAPTURE,
     DEFAULT_CONV_MODE,
     DEFAULT_DEVICE,
+    DEFAULT_EIGENSOLVER,
     DEFAULT_LAYERS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_TOKENS,
@@ -62,6 +63,7 @@ class BenchConfig:
     max_new_tokens: int = DEFAULT_BENCH_MAX_NEW_TOKENS
     compile: bool = False
     layers: str = DEFAULT_LAYERS          # --layers of the measured sweep (all: every layer)
+    eigensolver: str = DEFAULT_EIGENSOLVER   # --eigensolver of the measured sweep
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
     seed_questions: int = DEFAULT_BENCH_SEED_QUESTIONS
     profile: bool = False                 # torch.profiler over a few sweep batches
@@ -288,6 +290,8 @@ def build_bench_model(config: BenchConfig, model_dir: Path):
 
 def model_measures(config: BenchConfig, model, build_seconds: float, peak: float) -> dict:
     """The device, the model's size and cost per token, the device's matmul peak (FLOP/s)."""
+    from vtkit.sweep import resolve_eigensolver, resolve_layers
+
     lm_params = sum(p.numel() for p in model.language_model.parameters()) + \
         sum(p.numel() for p in model.lm_head.parameters())
     return {
@@ -296,6 +300,9 @@ def model_measures(config: BenchConfig, model, build_seconds: float, peak: float
         "shape": config.shape, "dtype": str(model.dtype).replace("torch.", ""),
         "questions": config.questions, "k_values": len(config.tokens),
         "layers": config.layers, "captures": list(config.captures),
+        "eigensolver": resolve_eigensolver(
+            config.eigensolver, model.device,
+            len(config.captures) * len(resolve_layers(config.layers, model.num_layers))),
         "lm_parameters": lm_params, "gflop_per_token": 2 * lm_params / 1e9,
         "matmul_peak_tflops": peak / 1e12, "model_build_seconds": build_seconds,
     }
@@ -313,10 +320,13 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
                   random_init=True, dtype=config.dtype, device=config.device, force=True)
     for stale in ("features.h5", "sweep.h5"):
         (run_dir / stale).unlink(missing_ok=True)
-    sweep_config = SweepConfig(**common, tokens=list(config.tokens),
+    # No raw rows kept (--keep-attention 0): they are a fixed cost of the first questions, which
+    # the projection to the full sweep, per question, would multiply.
+    sweep_config = SweepConfig(**common, tokens=list(config.tokens), keep_attention=0,
                                max_new_tokens=config.max_new_tokens,
                                batch_size=config.batch_size, token_budget=config.token_budget,
                                compile=config.compile, layers=config.layers,
+                               eigensolver=config.eigensolver,
                                captures=list(config.captures))
     timer = (BatchProfiler(model.device, config.profile_batches) if config.profile
              else PhaseTimer(model.device))

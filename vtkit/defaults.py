@@ -77,6 +77,10 @@ DEFAULT_CAPTURE = "attn_out"
 #: --layers: first,last (the seed's two layers), all, or decoder layer indices (negative from
 #: the end), comma-separated.
 DEFAULT_LAYERS = "first,last"
+#: --eigensolver: who computes the spectra's float64 eigenvalues. auto: the Triton kernels on a
+#: CUDA device (vtkit/eigen.py), LAPACK on CPU threads elsewhere.
+EIGENSOLVERS = ("auto", "triton", "lapack")
+DEFAULT_EIGENSOLVER = "auto"
 #: --threshold of vtkit rank may list several; the first is the headline one.
 
 # Defaults of `vtkit bench`.

@@ -136,24 +136,27 @@ def left_pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     return embeds, mask, positions
 
 
-def gram_matrices(matrices: torch.Tensor) -> torch.Tensor:
-    """The smaller Gram matrix of each [k, D] matrix, in float64: [B, k, D] -> [B, m, m].
+def gram_matrices(matrices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The smaller Gram matrix of each [k, D] matrix, in float64: [B, k, D] -> [B, m, m]
+    (written into ``out`` when given).
 
     m = min(k, D). Its eigenvalues are the squared singular values; zero rows (a shorter
     matrix padded to k) only add zero eigenvalues.
     """
     x = matrices.double()
-    return x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
+    if x.shape[1] <= x.shape[2]:
+        return torch.matmul(x, x.transpose(1, 2), out=out)
+    return torch.matmul(x.transpose(1, 2), x, out=out)
 
 
-def spectra_from_gram(gram: np.ndarray, ranks: list[int]) -> list[np.ndarray]:
-    """Singular values (descending, float32) from Gram matrices, the first ``ranks[i]`` of each.
+def spectra_from_gram(gram: np.ndarray) -> np.ndarray:
+    """Singular values (descending, float32) from Gram matrices: [B, m, m] -> [B, m].
 
-    Float64 eigenvalues: exact enough for relative thresholds far below 1e-6, and on the CPU,
-    where LAPACK runs batches of medium matrices far faster than a GPU solver does.
+    Float64 eigenvalues by LAPACK: exact enough for relative thresholds far below 1e-6. (GPU
+    runs find them on the device instead: :mod:`vtkit.eigen`.)
     """
     values = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))[:, ::-1]
-    return [values[i, :r].astype(np.float32) for i, r in enumerate(ranks)]
+    return np.ascontiguousarray(values, dtype=np.float32)
 
 
 def singular_values(matrices: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from vtkit.defaults import (
     DEFAULT_CAPTURE,
     DEFAULT_CONV_MODE,
     DEFAULT_DEVICE,
+    DEFAULT_EIGENSOLVER,
     DEFAULT_KEEP_ATTENTION,
     DEFAULT_LAYERS,
     DEFAULT_MAX_NEW_TOKENS,
@@ -60,10 +61,12 @@ from vtkit.defaults import (
     DEFAULT_SINGLE_PRED_PROMPT,
     DEFAULT_SPLIT,
     DEFAULT_TEMPERATURE,
+    EIGENSOLVERS,
     IN_LLM_SCORERS,
     PER_K_SCORERS,
     RANKING_SCORERS,
 )
+from vtkit.eigen import gram_spectra, to_device
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
 from vtkit.flops import LMShape
@@ -124,6 +127,7 @@ class SweepConfig:
     layers: str = DEFAULT_LAYERS      # --layers as given; resolved by :func:`resolve_layers`
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
     compile: bool = False             # torch.compile the decoder's MLP and norms
+    eigensolver: str = DEFAULT_EIGENSOLVER   # who computes the spectra (resolve_eigensolver)
     dtype: str | None = None
     device: str = DEFAULT_DEVICE
     random_init: bool = False
@@ -159,6 +163,9 @@ class SweepConfig:
         if self.keep_attention < 0:
             raise UsageError(f"--keep-attention must be 0 or more, not {self.keep_attention}")
         check_captures(self.captures)
+        if self.eigensolver not in EIGENSOLVERS:
+            raise UsageError(f"--eigensolver: unknown solver {self.eigensolver!r} "
+                             f"(known: {', '.join(EIGENSOLVERS)})")
         resolve_layers(self.layers)
         check_prune_layer(self)
         check_common_flags(self)
@@ -242,6 +249,26 @@ def check_prune_layer(config: SweepConfig, num_layers: int | None = None) -> Non
         raise UsageError(f"--prune-layer {config.prune_layer} is outside 1..{num_layers - 1}: "
                          f"{config.scorer} reads layer K-1 and prunes before layer K of this "
                          f"model's {num_layers} decoder layers")
+
+
+def resolve_eigensolver(name: str, device: torch.device, slots: int) -> str:
+    """The solver a run uses: ``triton`` (vtkit/eigen.py's kernels, on the GPU that holds the
+    captures) or ``lapack`` (float64 eigvalsh on CPU threads, overlapped with the GPU).
+
+    ``auto`` takes Triton on a CUDA device, when it is installed, for more captured (tensor,
+    layer) slots than the default two. At two, the CPU threads keep up with the GPU and cost it
+    nothing, while the kernels take 2.6 s of GPU time per 55 s of sweep; at 32 they are 12x
+    faster than the threads (docs/performance.md, "Every layer")."""
+    from vtkit.eigen import triton_available
+
+    if name == "lapack" or (name == "auto" and (device.type != "cuda" or slots <= 2)):
+        return "lapack"
+    if triton_available(device):
+        return "triton"
+    if name == "triton":
+        raise UsageError(f"--eigensolver triton: needs a CUDA device and the triton package "
+                         f"(this run is on {device.type}); use --eigensolver lapack")
+    return "lapack"
 
 
 def check_captures(captures: list[str]) -> list[str]:
@@ -632,10 +659,12 @@ class _HostGrams:
     buffer: torch.Tensor | None = None
     pool: _PinnedBuffers | None = None
 
-    def arrays(self) -> dict:
+    def values(self) -> dict:
+        """Each group's singular values [rows, min(k, d)], float32, descending: LAPACK's
+        float64 eigenvalues of the Gram matrices."""
         if self.ready is not None:
             self.ready.synchronize()    # the copy to pinned host memory has landed
-        return {key: g.numpy() for key, g in self.grams.items()}
+        return {key: spectra_from_gram(g.numpy()) for key, g in self.grams.items()}
 
     def release(self) -> None:
         if self.pool is not None and self.buffer is not None:
@@ -643,24 +672,33 @@ class _HostGrams:
             self.buffer = None
 
 
+@dataclass
+class _HostSpectra(_HostGrams):
+    """One batch's singular values, computed on the device (:func:`vtkit.eigen.gram_spectra`),
+    in host memory by (capture, layer, k) (``grams`` holds them)."""
+
+    def values(self) -> dict:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {key: s.numpy() for key, s in self.grams.items()}
+
+
 def _finish_image_batch(store, name: str, index: np.ndarray, ks: list[int], answers: list[str],
-                        grams: _HostGrams, widths: dict, kept: dict) -> None:
-    """Write one image batch's part: answers, the spectra of its Gram matrices (by capture and
-    layer, each question's min(k, d) values end to end, in batch order), kept rows."""
+                        spectra: _HostGrams | _HostSpectra, kept: dict) -> None:
+    """Write one image batch's part: answers, its spectra (by capture and layer, each
+    question's min(k, d) values end to end, in batch order), kept rows."""
     arrays = {"question_index": index, "k": np.asarray(ks, dtype=np.int32), "answers": answers}
     try:
         values: dict = {}
-        for (capture, layer, k), gram in grams.arrays().items():
+        for (capture, layer, k), group in spectra.values().items():
             rows = values.setdefault((capture, layer),
                                      [np.empty(0, np.float32) for _ in ks])
-            members = grams.groups[k]
-            lengths = [min(k, widths[capture, layer])] * len(members)
-            for j, spectrum in zip(members, spectra_from_gram(gram, lengths), strict=True):
+            for j, spectrum in zip(spectra.groups[k], group, strict=True):
                 rows[j] = spectrum
         for slot, rows in values.items():
             arrays[f"spectra/{cache.slot_name(*slot)}"] = np.concatenate(rows)
     finally:
-        grams.release()
+        spectra.release()
     arrays.update(kept)
     store.write(name, arrays)
 
@@ -682,6 +720,7 @@ class _BatchRunner:
     capture: ActivationCapture
     keep: set[int]                # questions whose raw attention rows are kept
     timer: PhaseTimer | NullTimer
+    solver: str = "lapack"        # resolve_eigensolver
     pinned: _PinnedBuffers | None = None
 
     def text(self, batch: list[tuple[PreparedItem, int]]) -> int:
@@ -716,15 +755,19 @@ class _BatchRunner:
                 visual = _select(self.model, self.config, chunk, rows, ks)
             answers, captured, n = run_batch(self.model, items, visual, self.config,
                                              self.capture, ks, self.timer)
-        # Float64 Gram matrices of every captured slot, held until written.
-        nbytes = _gram_bytes(captured, ks, self.capture.widths)
         with self.timer.phase("spectra"):
-            self.writer.make_room(nbytes)
-            grams = _grams_to_host(captured, ks, self.pinned)
+            if self.solver == "triton":
+                nbytes = 0
+                spectra = _device_spectra(captured, ks, self.pinned)
+            else:
+                # Float64 Gram matrices of every captured slot, held until their eigenvalues.
+                nbytes = _gram_bytes(captured, ks, self.capture.widths)
+                self.writer.make_room(nbytes)
+                spectra = _grams_to_host(captured, ks, self.pinned)
             kept = _kept_attention(items, ks, captured, self.keep)
         index = np.asarray([it.index for it in items], dtype=np.int64)
         self.writer.submit(_finish_image_batch, self.store, _image_part_name(index, ks), index,
-                           ks, answers, grams, self.capture.widths, kept, nbytes=nbytes)
+                           ks, answers, spectra, kept, nbytes=nbytes)
         return n
 
 
@@ -795,11 +838,15 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     total = len(text_batches) + sum(len(b) for b in plan)
     if total == 0:
         return 0
-    # On GPU runs the eigenvalues are computed by CPU threads, one BLAS thread each.
-    workers = max(1, min(12, (os.cpu_count() or 2) - 2)) if model.device.type == "cuda" else 0
+    solver = resolve_eigensolver(config.eigensolver, model.device, len(captures) * len(layers))
+    # On GPU runs CPU threads write the parts and, with LAPACK, compute the eigenvalues (one
+    # BLAS thread each); the Triton kernels leave them only the writing.
+    workers = 0
+    if model.device.type == "cuda":
+        workers = max(1, min(12, (os.cpu_count() or 2) - 2)) if solver == "lapack" else 2
     writer = _PartWriter(workers)
     runner = _BatchRunner(model, config, store, writer, ActivationCapture(model, captures, layers),
-                          keep, timer, _PinnedBuffers(writer.limit + 1, writer.max_bytes))
+                          keep, timer, solver, _PinnedBuffers(writer.limit + 1, writer.max_bytes))
     limits = threadpool_limits(limits=1, user_api="blas") if workers else nullcontext()
     attention = sweep_attention_backends(model.device)
     tokens_done = 0
@@ -873,7 +920,7 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
     groups = _k_groups(ks)
     device = next(iter(captured.values())).device
     # One index tensor per k, not per (slot, k): each copy from host memory waits for the GPU.
-    index = {k: torch.tensor(members, device=device) for k, members in groups.items() if k}
+    index = {k: to_device(torch.tensor(members), device) for k, members in groups.items() if k}
     grams = {}
     for (capture, layer), rows in captured.items():
         for k in index:
@@ -889,6 +936,29 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
     ready = torch.cuda.Event()
     ready.record()
     return _HostGrams(host, groups, ready, buffer, pinned)
+
+
+def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None) -> _HostSpectra:
+    """Singular values of each slot's captured rows, computed where the rows are (the Triton
+    kernels of :mod:`vtkit.eigen`, all the batch's slots and k groups in one pair of launches
+    per chunk), then copied to host memory without stalling the GPU."""
+    groups = _k_groups(ks)
+    device = next(iter(captured.values())).device
+    index = {k: to_device(torch.tensor(members), device) for k, members in groups.items() if k}
+    keys = [(capture, layer, k) for capture, layer in captured for k in index]
+    values = gram_spectra([captured[capture, layer][index[k], :k] for capture, layer, k in keys])
+    if device.type != "cuda" or pinned is None:
+        return _HostSpectra({key: v.cpu() for key, v in zip(keys, values, strict=True)}, groups)
+    total = sum(v.numel() for v in values)
+    buffer = pinned.take(-(-total // 2))          # float64 buffers, viewed as float32
+    flat, host, offset = buffer.view(torch.float32), {}, 0
+    for key, v in zip(keys, values, strict=True):
+        host[key] = flat[offset:offset + v.numel()].view(v.shape)
+        host[key].copy_(v, non_blocking=True)
+        offset += v.numel()
+    ready = torch.cuda.Event()
+    ready.record()
+    return _HostSpectra(host, groups, ready, buffer, pinned)
 
 
 def _select(model, config: SweepConfig, chunk: _Chunk, rows: list[int],
@@ -929,9 +999,15 @@ def _kept_attention(items, ks, captured: dict, keep: set[int]) -> dict:
         return {}
     kept = {"attention/index": np.asarray([items[j].index for j in rows], dtype=np.int64),
             "attention/k": np.asarray([ks[j] for j in rows], dtype=np.int32)}
-    for slot, block in captured.items():
-        kept[f"attention/{cache.slot_name(*slot)}"] = torch.cat(
-            [block[j, :ks[j]] for j in rows]).to(torch.float16).cpu().numpy()
+    blocks = {slot: torch.cat([block[j, :ks[j]] for j in rows]).to(torch.float16)
+              for slot, block in captured.items()}
+    # One copy to the host for every slot: each copy waits for the GPU.
+    flat = torch.cat([b.reshape(-1) for b in blocks.values()]).cpu().numpy()
+    start = 0
+    for slot, block in blocks.items():
+        kept[f"attention/{cache.slot_name(*slot)}"] = \
+            flat[start:start + block.numel()].reshape(block.shape)
+        start += block.numel()
     return kept
 
 
@@ -1104,6 +1180,9 @@ def _write_sweep_file(run: _Run, answers: np.ndarray, correct: np.ndarray, spect
         "layers": np.asarray(run.layers, dtype=np.int64),
         "num_layers": int(model.num_layers),
         "captures": json.dumps(run.captures),
+        # Who computed the spectra of the batches of this call (a resumed run's earlier parts
+        # may differ; the solvers agree to 1e-8 of the largest singular value).
+        "eigensolver": resolve_eigensolver(config.eigensolver, model.device, len(run.slots)),
         "hidden_size": int(model.hidden_size),
         "num_patches": int(model.num_patches),
         "lm_shape": json.dumps(asdict(LMShape.from_config(model.language_model.config))),

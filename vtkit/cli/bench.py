@@ -13,6 +13,7 @@ from vtkit.cli.options import (
     CompileOpt,
     DeviceOpt,
     DtypeOpt,
+    EigensolverOpt,
     JsonOpt,
     LayersOpt,
     MaxNewTokensOpt,
@@ -32,6 +33,7 @@ from vtkit.defaults import (
     DEFAULT_BENCH_SHAPE,
     DEFAULT_CAPTURE,
     DEFAULT_DEVICE,
+    DEFAULT_EIGENSOLVER,
     DEFAULT_LAYERS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_TOKENS,
@@ -62,6 +64,7 @@ def bench(
     seed_questions: SeedQuestionsOpt = DEFAULT_BENCH_SEED_QUESTIONS,
     compile_decoder: CompileOpt = False,
     layers: LayersOpt = DEFAULT_LAYERS,
+    eigensolver: EigensolverOpt = DEFAULT_EIGENSOLVER,
     capture: CaptureOpt = DEFAULT_CAPTURE,
     profile: ProfileOpt = False,
     profile_batches: ProfileBatchesOpt = DEFAULT_BENCH_PROFILE_BATCHES,
@@ -90,6 +93,7 @@ def bench(
         device=device, dtype=dtype,
         batch_size=batch_size, token_budget=token_budget, max_new_tokens=max_new_tokens,
         seed_questions=seed_questions, compile=compile_decoder, layers=layers,
+        eigensolver=eigensolver,
         captures=split_captures(capture), profile=profile, profile_batches=profile_batches,
         output_dir=output_dir)
     result = run_bench(config, RichReporter())

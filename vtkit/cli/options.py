@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from vtkit.defaults import CAPTURES, DEVICES, DTYPES, IMAGE_MODES, SCORERS
+from vtkit.defaults import CAPTURES, DEVICES, DTYPES, EIGENSOLVERS, IMAGE_MODES, SCORERS
 from vtkit.errors import UsageError
 from vtkit.prompts import CONV_TEMPLATES
 
@@ -25,6 +25,7 @@ ConvMode = Literal[tuple(CONV_TEMPLATES)]
 Scorer = Literal[SCORERS]
 ImageMode = Literal[IMAGE_MODES]
 Dtype = Literal[DTYPES]
+Eigensolver = Literal[EIGENSOLVERS]
 
 ModelPathOpt = Annotated[str, typer.Option(
     "--model-path", envvar="MODEL_PATH",
@@ -135,6 +136,11 @@ CaptureOpt = Annotated[str, typer.Option(
          f"concatenated heads; hidden: the decoder layer's output).")]
 TokenBudgetOpt = Annotated[int | None, typer.Option(
     "--token-budget", min=1, help="Prefill tokens per forward (default: from free GPU memory).")]
+EigensolverOpt = Annotated[Eigensolver, typer.Option(
+    "--eigensolver",
+    help=f"Who computes the float64 eigenvalues behind the stored spectra, of: "
+         f"{', '.join(EIGENSOLVERS)} (auto: Triton kernels on the GPU in CUDA runs, LAPACK on "
+         f"CPU threads otherwise; the values agree to 1e-8 of the largest).")]
 ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the decoder's MLP and norms for prefill throughput (the "

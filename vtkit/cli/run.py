@@ -11,6 +11,7 @@ from vtkit.cli.options import (
     ConvModeOpt,
     DeviceOpt,
     DtypeOpt,
+    EigensolverOpt,
     ForceOpt,
     ImageFolderOpt,
     ImageModeOpt,
@@ -47,6 +48,7 @@ from vtkit.defaults import (
     DEFAULT_CAPTURE,
     DEFAULT_CONV_MODE,
     DEFAULT_DEVICE,
+    DEFAULT_EIGENSOLVER,
     DEFAULT_KEEP_ATTENTION,
     DEFAULT_LAYERS,
     DEFAULT_MAX_NEW_TOKENS,
@@ -94,6 +96,7 @@ def run(
     token_budget: TokenBudgetOpt = None,
     keep_attention: KeepAttentionOpt = DEFAULT_KEEP_ATTENTION,
     layers: LayersOpt = DEFAULT_LAYERS,
+    eigensolver: EigensolverOpt = DEFAULT_EIGENSOLVER,
     capture: CaptureOpt = DEFAULT_CAPTURE,
     compile_decoder: CompileOpt = False,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
@@ -133,6 +136,7 @@ def run(
         conv_mode=conv_mode, single_pred_prompt=single_pred_prompt, temperature=temperature,
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
         token_budget=token_budget, keep_attention=keep_attention, layers=layers,
+        eigensolver=eigensolver,
         captures=split_captures(capture), compile=compile_decoder)
     rank_config = RankConfig(output_dir=output_dir, threshold=threshold)
     stages = (extract_config, sweep_config, rank_config, PlotConfig(output_dir=output_dir))

@@ -1,0 +1,147 @@
+"""The device eigensolver (vtkit/eigen.py, vtkit/eigen_kernels.py) against LAPACK.
+
+On a CUDA machine the Triton kernels run compiled; elsewhere they run in Triton's interpreter
+(TRITON_INTERPRET=1, set before the kernels are first imported), so CI checks the very code a
+GPU run executes. Reference: torch.linalg.eigvalsh / svdvals in float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("triton")
+
+from vtkit import cache, eigen  # noqa: E402
+from vtkit.cli.main import app  # noqa: E402
+from vtkit.demo import DEMO_MODEL_DIR  # noqa: E402
+from vtkit.eigen import gram_spectra, symmetric_eigenvalues, triton_available  # noqa: E402
+from vtkit.errors import UsageError  # noqa: E402
+from vtkit.sweep import resolve_eigensolver  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_kernels_run_here():
+    """Off CUDA, in Triton's interpreter (tests/conftest.py sets it before Triton's import)."""
+    assert triton_available(DEVICE)
+
+
+def end_to_end(matrices: list[torch.Tensor]) -> torch.Tensor:
+    flat = torch.cat([m.reshape(-1) for m in matrices]).to(DEVICE)
+    sizes = torch.tensor([m.shape[0] for m in matrices], dtype=torch.int32, device=DEVICE)
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum([m.numel() for m in matrices])[:-1]]),
+                           dtype=torch.int64, device=DEVICE)
+    return symmetric_eigenvalues(flat, sizes, offsets, int(sizes.max())).cpu()
+
+
+@pytest.mark.parametrize("tile", [None, {"ROWS": 4, "COLS": 8, "num_warps": 1},
+                                  {"ROWS": 8, "COLS": 4, "num_warps": 1}])
+def test_eigenvalues_of_mixed_sizes_match_lapack(tile, monkeypatch):
+    """The shipped tile, and small ones: a matrix then spans several row and column tiles."""
+    if tile is not None:
+        monkeypatch.setattr(eigen, "TRIDIAGONAL_TILE", tile)
+    g = torch.Generator().manual_seed(0)
+    matrices = []
+    for n in (1, 2, 3, 9, 24):
+        # Graded rows: eigenvalues over 18 orders of magnitude, as a deep layer's Gram has.
+        x = torch.randn(n, 40, generator=g, dtype=torch.float64)
+        x *= torch.logspace(3, -6, n, dtype=torch.float64)[:, None]
+        matrices.append(x @ x.T)
+    low_rank = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    matrices.append(low_rank @ low_rank.T)                       # 9 zero eigenvalues
+    matrices.append(torch.diag(torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0], dtype=torch.float64)))
+    sym = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    matrices.append(sym + sym.T)                                  # indefinite
+    values = end_to_end(matrices)
+    for i, m in enumerate(matrices):
+        n = m.shape[0]
+        expected = torch.linalg.eigvalsh(m)
+        scale = expected.abs().max()
+        torch.testing.assert_close(values[i, :n], expected, rtol=0, atol=1e-14 * scale,
+                                   msg=f"matrix {i} ({n} x {n})")
+        assert (values[i, n:] == 0).all()
+
+
+def test_zero_matrix_has_zero_eigenvalues():
+    values = end_to_end([torch.zeros(4, 4, dtype=torch.float64)])
+    assert values.abs().max() < 1e-300
+
+
+def test_gram_spectra_match_svdvals_across_chunks():
+    g = torch.Generator().manual_seed(1)
+    blocks = [torch.randn(3, 7, 5, generator=g),          # k > d: the d x d Gram
+              torch.randn(2, 4, 9, generator=g),          # k < d: the k x k Gram
+              torch.randn(1, 1, 6, generator=g),
+              torch.randn(2, 10, 16, generator=g) * torch.logspace(0, -3, 10)[None, :, None],
+              torch.randn(0, 6, 8, generator=g)]          # no rows at this k
+    blocks = [b.to(torch.bfloat16).to(DEVICE) for b in blocks]
+    # A chunk of at most 1,000 bytes: every block but the smallest gets its own launches.
+    for chunk_bytes in (1 << 30, 1000):
+        spectra = gram_spectra(blocks, chunk_bytes=chunk_bytes)
+        for block, got in zip(blocks, spectra, strict=True):
+            expected = torch.linalg.svdvals(block.cpu().double())
+            assert got.dtype == torch.float32 and got.shape == expected.shape
+            if block.shape[0]:
+                torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-6,
+                                           atol=1e-7 * float(expected.max()))
+
+
+def test_auto_picks_lapack_on_the_cpu_and_triton_is_refused_there(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_eigensolver("auto", cpu, 64) == "lapack"      # even in the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_eigensolver("auto", cpu, 64) == "lapack"
+    assert resolve_eigensolver("lapack", cpu, 64) == "lapack"
+    with pytest.raises(UsageError, match="--eigensolver triton"):
+        resolve_eigensolver("triton", cpu, 2)
+
+
+def test_auto_takes_the_kernels_on_cuda_beyond_two_slots():
+    cuda = torch.device("cuda")
+    assert resolve_eigensolver("auto", cuda, 2) == "lapack"
+    assert resolve_eigensolver("lapack", cuda, 64) == "lapack"
+    if triton_available(cuda):
+        assert resolve_eigensolver("auto", cuda, 3) == "triton"
+        assert resolve_eigensolver("triton", cuda, 2) == "triton"
+
+
+def test_sweep_with_the_triton_solver_stores_lapacks_spectra(demo_scienceqa, tmp_path):
+    """The same sweep, spectra by the kernels and by LAPACK: same answers, same values."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU sweep is what runs the interpreted kernels")
+    common = ["--model-path", DEMO_MODEL_DIR, "--base-dir", demo_scienceqa,
+              "--num-samples", 4, "--device", "cpu", "--tokens", "40,8", "--max-new-tokens", 2]
+    runs = {}
+    for solver in ("lapack", "triton"):
+        out = tmp_path / solver
+        if solver == "lapack":
+            args = ["extract", *common[:-4], "--output-dir", out]
+        else:
+            out.mkdir()
+            shutil.copy(tmp_path / "lapack" / cache.FEATURES_FILE, out / cache.FEATURES_FILE)
+            args = None
+        if args:
+            result = CliRunner().invoke(app, [str(a) for a in args])
+            assert result.exit_code == 0, result.output
+        result = CliRunner().invoke(app, [str(a) for a in [
+            "sweep", *common, "--output-dir", out, "--eigensolver", solver]])
+        assert result.exit_code == 0, result.output
+        runs[solver] = out / cache.SWEEP_FILE
+    with h5py.File(runs["lapack"], "r") as a, h5py.File(runs["triton"], "r") as b:
+        assert a.attrs["eigensolver"] == "lapack" and b.attrs["eigensolver"] == "triton"
+        assert a["answers"].asstr()[:].tolist() == b["answers"].asstr()[:].tolist()
+        names = []
+        a["spectra"].visit(lambda name: names.append(name)
+                           if isinstance(a["spectra"][name], h5py.Dataset) else None)
+        assert len(names) == 4                                 # 2 layers x 2 k
+        for name in names:
+            x, y = a["spectra"][name][:], b["spectra"][name][:]
+            assert x.shape == y.shape and x.shape[0] > 0
+            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6 * float(x.max()),
+                                       err_msg=name)

@@ -1,0 +1,158 @@
+"""Singular values of many matrices at once, on the device that holds them.
+
+The sweep stores, for every captured (tensor, layer) and every (question, k) row, the singular
+values of the k x d block of visual rows. They are the square roots of the eigenvalues of the
+float64 Gram matrix (min(k, d) square). On a GPU run :func:`gram_spectra` computes them where
+the captures are: the Gram matrices of all a batch's blocks go end to end into one buffer, a
+Triton kernel reduces each to tridiagonal form (Householder, in place), and a second finds the
+eigenvalues of the tridiagonal matrices by bisection (:mod:`vtkit.eigen_kernels`). Two launches
+per chunk of matrices, whatever the mix of sizes; only the singular values leave the GPU.
+
+Accuracy: both steps are backward stable in float64, as LAPACK's dsyevd (Householder, then
+dsterf) is: each eigenvalue is found to within a few units of 1e-16 times the largest, so a
+singular value is exact to about 1e-8 of the largest, far below the rank thresholds.
+
+Elsewhere (CPU runs, or no Triton) the eigenvalues come from LAPACK on CPU threads
+(:func:`vtkit.pruning.spectra_from_gram`).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import numpy as np
+import torch
+
+from vtkit.pruning import gram_matrices
+
+# Bisection halvings: Gershgorin's interval, halved 56 times, is narrower than 2e-16 of itself.
+BISECTION_ITERATIONS = 56
+# Gram bytes per pair of launches: bounds the buffer the matrices are copied into.
+CHUNK_BYTES = 1 << 30
+# The reduction's tile (rows x columns of the lower triangle per step of its loop) and warps.
+# (32 x 32, 4 warps: the fastest of seven measured on an H200 at k = 576 and 320.)
+TRIDIAGONAL_TILE = {"ROWS": 32, "COLS": 32, "num_warps": 4}
+# Widest matrix the kernels take: one program's lanes span a row (4 x 576 = LLaVA's 576).
+MAX_SIZE = 2048
+
+
+@cache
+def _kernels():
+    from vtkit import eigen_kernels
+
+    return eigen_kernels
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether :func:`gram_spectra` can run its kernels for tensors on ``device``: a CUDA device
+    with Triton installed, or any device in Triton's interpreter (TRITON_INTERPRET=1, set
+    before Triton's import: the tests)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        _kernels()
+    except ImportError:
+        return False
+    return True
+
+
+def symmetric_eigenvalues(matrices: torch.Tensor, sizes: torch.Tensor, offsets: torch.Tensor,
+                          width: int) -> torch.Tensor:
+    """Eigenvalues, ascending, of symmetric float64 matrices lying end to end in ``matrices``
+    (matrix i: ``sizes[i]`` square, row-major from ``offsets[i]``), which are overwritten.
+    Returns [count, width] float64 (width >= the largest size; row i's values in its first
+    ``sizes[i]`` places, zeros after)."""
+    kernels = _kernels()
+    count = int(sizes.numel())
+    device = matrices.device
+    lanes = max(16, 1 << (width - 1).bit_length())
+    d, e = (torch.zeros((count, width), dtype=torch.float64, device=device) for _ in range(2))
+    tiles = -(-width // TRIDIAGONAL_TILE["COLS"])
+    scratch = torch.zeros((count, 5 + 2 * tiles, width), dtype=torch.float64, device=device)
+    kernels.tridiagonalize[(count,)](matrices, offsets, sizes, d, e, scratch, width, tiles,
+                                     VEC=lanes, **TRIDIAGONAL_TILE)
+    lower, upper, pivmin = _bisection_bounds(d, e, sizes)
+    e2 = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1] ** 2], dim=1)
+    values = torch.zeros((count, width), dtype=torch.float64, device=device)
+    step = 64
+    kernels.bisect[(count, -(-width // step))](d, e2, lower, upper, pivmin, sizes, values, width,
+                                               ITERATIONS=BISECTION_ITERATIONS, BLOCK=step,
+                                               num_warps=2)
+    return values
+
+
+def _bisection_bounds(d: torch.Tensor, e: torch.Tensor, sizes: torch.Tensor):
+    """Per tridiagonal matrix: Gershgorin's interval, widened by its rounding (as LAPACK's
+    dstebz widens it), and the smallest pivot a Sturm count lets stand (dlaebz's pivmin)."""
+    width = d.shape[1]
+    live = torch.arange(width, device=d.device)[None, :] < sizes[:, None]
+    # e holds zeros past each matrix's last off-diagonal element (n - 2).
+    radius = e.abs() + torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1].abs()], dim=1)
+    inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
+    lower = torch.where(live, d - radius, inf).amin(dim=1)
+    upper = torch.where(live, d + radius, -inf).amax(dim=1)
+    norm = torch.maximum(lower.abs(), upper.abs())
+    tiny = torch.finfo(torch.float64).tiny
+    pivmin = tiny * torch.clamp((e ** 2).amax(dim=1), min=1.0)
+    fudge = 2.1 * torch.finfo(torch.float64).eps * norm * sizes.double() + 4 * pivmin
+    return lower - fudge, upper + fudge, pivmin
+
+
+def gram_spectra(blocks: list[torch.Tensor],
+                 chunk_bytes: int = CHUNK_BYTES) -> list[torch.Tensor]:
+    """Singular values, descending, float32, of each [k, d] matrix of each block [B, k, d]:
+    one [B, min(k, d)] tensor per block, on the blocks' device.
+
+    The Gram matrices are computed straight into a flat buffer, a chunk of blocks at a time
+    (at most ``chunk_bytes`` of them, or one block), and their eigenvalues found by the Triton
+    kernels (:func:`triton_available`)."""
+    out: list[torch.Tensor | None] = [None] * len(blocks)
+    chunk: list[int] = []
+    size = 0
+    for i, block in enumerate(blocks):
+        m = min(block.shape[1], block.shape[2])
+        if m > MAX_SIZE:
+            raise ValueError(f"gram_spectra takes matrices up to {MAX_SIZE} square, not {m}")
+        nbytes = 8 * block.shape[0] * m * m
+        if chunk and size + nbytes > chunk_bytes:
+            _spectra_chunk(blocks, chunk, out)
+            chunk, size = [], 0
+        chunk.append(i)
+        size += nbytes
+    if chunk:
+        _spectra_chunk(blocks, chunk, out)
+    return out
+
+
+def _spectra_chunk(blocks: list[torch.Tensor], chunk: list[int], out: list) -> None:
+    device = blocks[chunk[0]].device
+    shapes = [(blocks[i].shape[0], min(blocks[i].shape[1], blocks[i].shape[2])) for i in chunk]
+    sizes = [m for b, m in shapes for _ in range(b)]
+    if not sizes:
+        for i, (b, m) in zip(chunk, shapes, strict=True):
+            out[i] = torch.zeros((b, m), dtype=torch.float32, device=device)
+        return
+    flat = torch.empty(sum(b * m * m for b, m in shapes), dtype=torch.float64, device=device)
+    start = 0
+    for i, (b, m) in zip(chunk, shapes, strict=True):
+        gram_matrices(blocks[i], out=flat[start:start + b * m * m].view(b, m, m))
+        start += b * m * m
+    offsets = np.zeros(len(sizes), dtype=np.int64)
+    offsets[1:] = np.cumsum(np.asarray(sizes[:-1], dtype=np.int64) ** 2)
+    width = max(sizes)
+    values = symmetric_eigenvalues(flat, to_device(torch.tensor(sizes, dtype=torch.int32), device),
+                                   to_device(torch.from_numpy(offsets), device), width)
+    singular = values.clamp(min=0).sqrt().float()
+    row = 0
+    for i, (b, m) in zip(chunk, shapes, strict=True):
+        out[i] = singular[row:row + b, :m].flip(-1)
+        row += b
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``, through pinned memory on CUDA so that the copy does
+    not wait for the kernels already queued."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
