@@ -345,3 +345,35 @@ def test_the_sweep_keeps_cudnn_attention_off_on_cuda_only():
             torch.backends.cuda.flash_sdp_enabled()) == before
     with sweep_attention_backends(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+
+
+def test_host_copies_land_in_slices_of_one_pinned_buffer(monkeypatch):
+    """The GPU path's copy to pinned memory (Gram matrices in float64, spectra in float32),
+    with a plain buffer and event standing in for CUDA's."""
+    class Pool:
+        def take(self, numel):
+            self.buffer = torch.full((numel,), float("nan"), dtype=torch.float64)
+            return self.buffer
+
+    class Event:
+        def record(self):
+            self.recorded = True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    for dtype in (torch.float64, torch.float32):
+        tensors = {("attn_out", 0, 64): torch.arange(6, dtype=dtype).view(2, 3),
+                   ("attn_out", 5, 64): torch.arange(5, dtype=dtype) + 10,
+                   ("hidden", 0, 20): torch.ones(1, 1, dtype=dtype)}
+        pool = Pool()
+        host, ready, buffer = sweep_module._copy_to_pinned(tensors, pool)
+        assert buffer is pool.buffer and ready.recorded
+        assert buffer.numel() * 8 >= 12 * dtype.itemsize
+        start = buffer.data_ptr()
+        ends = []
+        for key, tensor in tensors.items():
+            assert host[key].dtype == dtype and torch.equal(host[key], tensor)
+            offset = host[key].data_ptr() - start
+            assert 0 <= offset and offset + tensor.numel() * dtype.itemsize <= buffer.numel() * 8
+            ends.append((offset, offset + tensor.numel() * dtype.itemsize))
+        ends.sort()
+        assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:], strict=False))  # no overlap

@@ -917,24 +917,14 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
     in a slice of it); the recorded event tells the CPU worker when the copy has landed. On
     the CPU the tensors are simply returned.
     """
-    groups = _k_groups(ks)
-    device = next(iter(captured.values())).device
-    # One index tensor per k, not per (slot, k): each copy from host memory waits for the GPU.
-    index = {k: to_device(torch.tensor(members), device) for k, members in groups.items() if k}
+    groups, index = _group_index(captured, ks)
     grams = {}
     for (capture, layer), rows in captured.items():
         for k in index:
             grams[capture, layer, k] = gram_matrices(rows[index[k], :k])
-    if device.type != "cuda" or pinned is None:
+    if next(iter(grams.values())).device.type != "cuda" or pinned is None:
         return _HostGrams(grams, groups)
-    buffer = pinned.take(sum(g.numel() for g in grams.values()))
-    host, offset = {}, 0
-    for key, g in grams.items():
-        host[key] = buffer[offset:offset + g.numel()].view(g.shape)
-        host[key].copy_(g, non_blocking=True)
-        offset += g.numel()
-    ready = torch.cuda.Event()
-    ready.record()
+    host, ready, buffer = _copy_to_pinned(grams, pinned)
     return _HostGrams(host, groups, ready, buffer, pinned)
 
 
@@ -942,23 +932,41 @@ def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None
     """Singular values of each slot's captured rows, computed where the rows are (the Triton
     kernels of :mod:`vtkit.eigen`, all the batch's slots and k groups in one pair of launches
     per chunk), then copied to host memory without stalling the GPU."""
-    groups = _k_groups(ks)
-    device = next(iter(captured.values())).device
-    index = {k: to_device(torch.tensor(members), device) for k, members in groups.items() if k}
+    groups, index = _group_index(captured, ks)
     keys = [(capture, layer, k) for capture, layer in captured for k in index]
     values = gram_spectra([captured[capture, layer][index[k], :k] for capture, layer, k in keys])
-    if device.type != "cuda" or pinned is None:
-        return _HostSpectra({key: v.cpu() for key, v in zip(keys, values, strict=True)}, groups)
-    total = sum(v.numel() for v in values)
-    buffer = pinned.take(-(-total // 2))          # float64 buffers, viewed as float32
-    flat, host, offset = buffer.view(torch.float32), {}, 0
-    for key, v in zip(keys, values, strict=True):
-        host[key] = flat[offset:offset + v.numel()].view(v.shape)
-        host[key].copy_(v, non_blocking=True)
-        offset += v.numel()
+    spectra = dict(zip(keys, values, strict=True))
+    if values[0].device.type != "cuda" or pinned is None:
+        return _HostSpectra({key: v.cpu() for key, v in spectra.items()}, groups)
+    host, ready, buffer = _copy_to_pinned(spectra, pinned)
+    return _HostSpectra(host, groups, ready, buffer, pinned)
+
+
+def _group_index(captured: dict, ks: list[int]) -> tuple[dict, dict]:
+    """A batch's k groups (k -> the rows' positions) and, for each non-zero k, those positions
+    as one index tensor on the captures' device: one per k, not per (slot, k), since each copy
+    from host memory waits for the GPU."""
+    groups = _k_groups(ks)
+    device = next(iter(captured.values())).device
+    return groups, {k: to_device(torch.tensor(members), device)
+                    for k, members in groups.items() if k}
+
+
+def _copy_to_pinned(tensors: dict, pinned: _PinnedBuffers) -> tuple:
+    """(host copies by key, the event that marks them landed, their buffer): the tensors copied
+    into slices of one buffer of ``pinned`` (float64, viewed as their dtype), launched without
+    waiting for the GPU."""
+    dtype = next(iter(tensors.values())).dtype
+    per = 8 // dtype.itemsize
+    buffer = pinned.take(-(-sum(t.numel() for t in tensors.values()) // per))
+    flat, host, offset = buffer.view(dtype), {}, 0
+    for key, t in tensors.items():
+        host[key] = flat[offset:offset + t.numel()].view(t.shape)
+        host[key].copy_(t, non_blocking=True)
+        offset += t.numel()
     ready = torch.cuda.Event()
     ready.record()
-    return _HostSpectra(host, groups, ready, buffer, pinned)
+    return host, ready, buffer
 
 
 def _select(model, config: SweepConfig, chunk: _Chunk, rows: list[int],
