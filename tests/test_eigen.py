@@ -145,3 +145,22 @@ def test_sweep_with_the_triton_solver_stores_lapacks_spectra(demo_scienceqa, tmp
             assert x.shape == y.shape and x.shape[0] > 0
             np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6 * float(x.max()),
                                        err_msg=name)
+
+
+def test_chunks_take_the_largest_matrices_first_within_the_cap(monkeypatch):
+    chunks = []
+
+    def record(blocks, chunk, out):
+        chunks.append(list(chunk))
+        for i in chunk:
+            out[i] = i
+
+    monkeypatch.setattr(eigen, "_spectra_chunk", record)
+    blocks = [torch.zeros(4, k, 64) for k in (8, 40, 20, 40, 8)]
+    # Room for exactly the two 40 x 40 blocks with their working vectors.
+    cap = 8 * (2 * 4 * 40 ** 2 + 8 * eigen._working_vectors(40) * 40)
+    assert eigen.gram_spectra(blocks, chunk_bytes=cap) == [0, 1, 2, 3, 4]
+    assert chunks[0] == [1, 3]
+    assert sorted(i for chunk in chunks for i in chunk) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="up to"):
+        eigen.gram_spectra([torch.zeros(1, eigen.MAX_SIZE + 1, eigen.MAX_SIZE + 1)])

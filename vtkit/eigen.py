@@ -19,6 +19,7 @@ Elsewhere (CPU runs, or no Triton) the eigenvalues come from LAPACK on CPU threa
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from functools import cache
 
 import numpy as np
@@ -70,15 +71,18 @@ def symmetric_eigenvalues(matrices: torch.Tensor, sizes: torch.Tensor, offsets: 
     d, e = (torch.zeros((count, width), dtype=torch.float64, device=device) for _ in range(2))
     tiles = -(-width // TRIDIAGONAL_TILE["COLS"])
     scratch = torch.zeros((count, 5 + 2 * tiles, width), dtype=torch.float64, device=device)
-    kernels.tridiagonalize[(count,)](matrices, offsets, sizes, d, e, scratch, width, tiles,
-                                     VEC=lanes, **TRIDIAGONAL_TILE)
-    lower, upper, pivmin = _bisection_bounds(d, e, sizes)
-    e2 = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1] ** 2], dim=1)
+    # (_working_vectors counts these: d, e, the values below, and the scratch.)
     values = torch.zeros((count, width), dtype=torch.float64, device=device)
     step = 64
-    kernels.bisect[(count, -(-width // step))](d, e2, lower, upper, pivmin, sizes, values, width,
-                                               ITERATIONS=BISECTION_ITERATIONS, BLOCK=step,
-                                               num_warps=2)
+    # Triton launches on the current device: make it the tensors' (e.g. --device cuda:1).
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        kernels.tridiagonalize[(count,)](matrices, offsets, sizes, d, e, scratch, width, tiles,
+                                         VEC=lanes, **TRIDIAGONAL_TILE)
+        lower, upper, pivmin = _bisection_bounds(d, e, sizes)
+        e2 = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1] ** 2], dim=1)
+        kernels.bisect[(count, -(-width // step))](d, e2, lower, upper, pivmin, sizes, values,
+                                                   width, ITERATIONS=BISECTION_ITERATIONS,
+                                                   BLOCK=step, num_warps=2)
     return values
 
 
@@ -104,25 +108,37 @@ def gram_spectra(blocks: list[torch.Tensor],
     """Singular values, descending, float32, of each [k, d] matrix of each block [B, k, d]:
     one [B, min(k, d)] tensor per block, on the blocks' device.
 
-    The Gram matrices are computed straight into a flat buffer, a chunk of blocks at a time
-    (at most ``chunk_bytes`` of them, or one block), and their eigenvalues found by the Triton
-    kernels (:func:`triton_available`)."""
+    The Gram matrices are computed straight into a flat buffer, a chunk of blocks at a time,
+    and their eigenvalues found by the Triton kernels (:func:`triton_available`). Blocks go
+    largest first, so that a chunk holds matrices of similar sizes: its working vectors are as
+    wide as its largest matrix. A chunk takes at most ``chunk_bytes`` with them (or one block).
+    """
+    sizes = [min(block.shape[1], block.shape[2]) for block in blocks]
+    if max(sizes, default=0) > MAX_SIZE:
+        raise ValueError(f"gram_spectra takes matrices up to {MAX_SIZE} square, not "
+                         f"{max(sizes)}")
     out: list[torch.Tensor | None] = [None] * len(blocks)
     chunk: list[int] = []
-    size = 0
-    for i, block in enumerate(blocks):
-        m = min(block.shape[1], block.shape[2])
-        if m > MAX_SIZE:
-            raise ValueError(f"gram_spectra takes matrices up to {MAX_SIZE} square, not {m}")
-        nbytes = 8 * block.shape[0] * m * m
-        if chunk and size + nbytes > chunk_bytes:
+    count = grams = 0
+    for i in sorted(range(len(blocks)), key=lambda i: -sizes[i]):
+        rows = blocks[i].shape[0]
+        width = sizes[chunk[0]] if chunk else sizes[i]     # the chunk's largest matrix
+        if chunk and 8 * (grams + rows * sizes[i] ** 2 +
+                          (count + rows) * _working_vectors(width) * width) > chunk_bytes:
             _spectra_chunk(blocks, chunk, out)
-            chunk, size = [], 0
+            chunk, count, grams = [], 0, 0
         chunk.append(i)
-        size += nbytes
+        count += rows
+        grams += rows * sizes[i] ** 2
     if chunk:
         _spectra_chunk(blocks, chunk, out)
     return out
+
+
+def _working_vectors(width: int) -> int:
+    """Float64 vectors of ``width`` per matrix that :func:`symmetric_eigenvalues` allocates: d,
+    e, the eigenvalues, and the reduction's scratch."""
+    return 3 + 5 + 2 * -(-width // TRIDIAGONAL_TILE["COLS"])
 
 
 def _spectra_chunk(blocks: list[torch.Tensor], chunk: list[int], out: list) -> None:
