@@ -102,11 +102,21 @@ def test_auto_picks_lapack_on_the_cpu_and_triton_is_refused_there(monkeypatch):
         resolve_eigensolver("triton", cpu, 2)
 
 
+def test_kernels_that_do_not_run_are_refused_or_left_for_lapack(monkeypatch):
+    assert eigen.kernel_problem(DEVICE) is None                  # they run here
+    monkeypatch.setattr("vtkit.eigen.kernel_problem", lambda device: "ptxas not found")
+    monkeypatch.setattr("vtkit.eigen.triton_available", lambda device: True)
+    cuda = torch.device("cuda")
+    assert resolve_eigensolver("auto", cuda, 32) == "lapack"
+    with pytest.raises(UsageError, match="do not run on cuda .ptxas not found"):
+        resolve_eigensolver("triton", cuda, 32)
+
+
 def test_auto_takes_the_kernels_on_cuda_beyond_two_slots():
     cuda = torch.device("cuda")
     assert resolve_eigensolver("auto", cuda, 2) == "lapack"
     assert resolve_eigensolver("lapack", cuda, 64) == "lapack"
-    if triton_available(cuda):
+    if triton_available(cuda) and eigen.kernel_problem(cuda) is None:   # a GPU with Triton
         assert resolve_eigensolver("auto", cuda, 3) == "triton"
         assert resolve_eigensolver("triton", cuda, 2) == "triton"
 

@@ -58,6 +58,30 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
+def kernel_problem(device: torch.device) -> str | None:
+    """None when the kernels compile and find the eigenvalues of a known 3 x 3 matrix on
+    ``device`` (2 - sqrt 2, 2, 2 + sqrt 2); otherwise, in one line, why not. Checked once per
+    device and process."""
+    return _kernel_problem(str(device))
+
+
+@cache
+def _kernel_problem(device_name: str) -> str | None:
+    device = torch.device(device_name)
+    expected = torch.tensor([2 - 2 ** 0.5, 2.0, 2 + 2 ** 0.5], dtype=torch.float64)
+    try:
+        matrix = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 1.0], [0.0, 1.0, 2.0]],
+                              dtype=torch.float64, device=device)
+        values = symmetric_eigenvalues(
+            matrix.reshape(-1).clone(), torch.tensor([3], dtype=torch.int32, device=device),
+            torch.tensor([0], dtype=torch.int64, device=device), 3)[0].cpu()
+    except Exception as error:    # a missing compiler, an unsupported GPU: any reason is reported
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+    if not torch.allclose(values, expected, rtol=0, atol=1e-12):
+        return f"they found {values.tolist()} for {expected.tolist()}"
+    return None
+
+
 def symmetric_eigenvalues(matrices: torch.Tensor, sizes: torch.Tensor, offsets: torch.Tensor,
                           width: int) -> torch.Tensor:
     """Eigenvalues, ascending, of symmetric float64 matrices lying end to end in ``matrices``

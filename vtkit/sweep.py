@@ -66,7 +66,7 @@ from vtkit.defaults import (
     PER_K_SCORERS,
     RANKING_SCORERS,
 )
-from vtkit.eigen import gram_spectra, to_device
+from vtkit.eigen import gram_spectra, kernel_problem, to_device, triton_available
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
 from vtkit.flops import LMShape
@@ -259,15 +259,21 @@ def resolve_eigensolver(name: str, device: torch.device, slots: int) -> str:
     layer) slots than the default two. At two, the CPU threads keep up with the GPU and cost it
     nothing, while the kernels take 2.6 s of GPU time per 55 s of sweep; at 32 they are 12x
     faster than the threads (docs/performance.md, "Every layer")."""
-    from vtkit.eigen import triton_available
+    from vtkit.eigen import kernel_problem, triton_available
 
     if name == "lapack" or (name == "auto" and (device.type != "cuda" or slots <= 2)):
         return "lapack"
-    if triton_available(device):
+    if not triton_available(device):
+        if name == "triton":
+            raise UsageError(f"--eigensolver triton: needs a CUDA device and the triton package "
+                             f"(this run is on {device.type}); use --eigensolver lapack")
+        return "lapack"
+    problem = kernel_problem(device)
+    if problem is None:
         return "triton"
     if name == "triton":
-        raise UsageError(f"--eigensolver triton: needs a CUDA device and the triton package "
-                         f"(this run is on {device.type}); use --eigensolver lapack")
+        raise UsageError(f"--eigensolver triton: the Triton kernels do not run on {device} "
+                         f"({problem}); use --eigensolver lapack")
     return "lapack"
 
 
@@ -839,6 +845,11 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     if total == 0:
         return 0
     solver = resolve_eigensolver(config.eigensolver, model.device, len(captures) * len(layers))
+    if config.eigensolver == "auto" and solver == "lapack" and model.device.type == "cuda" and \
+            len(captures) * len(layers) > 2 and triton_available(model.device):
+        reporter.warn(f"--eigensolver auto: the Triton kernels do not run on {model.device} "
+                      f"({kernel_problem(model.device)}); the eigenvalues go to LAPACK on CPU "
+                      f"threads, which is slower with many layers")
     # On GPU runs CPU threads write the parts and, with LAPACK, compute the eigenvalues (one
     # BLAS thread each); the Triton kernels leave them only the writing.
     workers = 0
