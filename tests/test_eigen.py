@@ -108,8 +108,12 @@ def test_kernels_that_do_not_run_are_refused_or_left_for_lapack(monkeypatch):
     monkeypatch.setattr("vtkit.eigen.triton_available", lambda device: True)
     cuda = torch.device("cuda")
     assert resolve_eigensolver("auto", cuda, 32) == "lapack"
-    with pytest.raises(UsageError, match="do not run on cuda .ptxas not found"):
+    with pytest.raises(UsageError, match="do not run on cuda: ptxas not found"):
         resolve_eigensolver("triton", cuda, 32)
+    warnings = []
+    reporter = type("R", (), {"warn": lambda self, message: warnings.append(message)})()
+    assert resolve_eigensolver("auto", cuda, 32, reporter) == "lapack"
+    assert len(warnings) == 1 and "ptxas not found" in warnings[0]
 
 
 def test_auto_takes_the_kernels_on_cuda_beyond_two_slots():

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from vtkit import cache, inllm
+from vtkit import cache, eigen, inllm
 from vtkit.cache import (
     ANSWERS_DIR,
     FEATURES_FILE,
@@ -66,7 +66,6 @@ from vtkit.defaults import (
     PER_K_SCORERS,
     RANKING_SCORERS,
 )
-from vtkit.eigen import gram_spectra, kernel_problem, to_device, triton_available
 from vtkit.errors import CacheMismatchError, DataError, UsageError
 from vtkit.extract import check_common_flags
 from vtkit.flops import LMShape
@@ -251,29 +250,30 @@ def check_prune_layer(config: SweepConfig, num_layers: int | None = None) -> Non
                          f"model's {num_layers} decoder layers")
 
 
-def resolve_eigensolver(name: str, device: torch.device, slots: int) -> str:
+def resolve_eigensolver(name: str, device: torch.device, slots: int,
+                        reporter: Reporter | None = None) -> str:
     """The solver a run uses: ``triton`` (vtkit/eigen.py's kernels, on the GPU that holds the
     captures) or ``lapack`` (float64 eigvalsh on CPU threads, overlapped with the GPU).
 
     ``auto`` takes Triton on a CUDA device, when it is installed, for more captured (tensor,
     layer) slots than the default two. At two, the CPU threads keep up with the GPU and cost it
     nothing, while the kernels take 2.6 s of GPU time per 55 s of sweep; at 32 they are 12x
-    faster than the threads (docs/performance.md, "Every layer")."""
-    from vtkit.eigen import kernel_problem, triton_available
-
+    faster than the threads (docs/performance.md, "Every layer"). Where the kernels cannot run,
+    ``triton`` is refused and ``auto`` takes LAPACK, with a warning to ``reporter``."""
     if name == "lapack" or (name == "auto" and (device.type != "cuda" or slots <= 2)):
         return "lapack"
-    if not triton_available(device):
-        if name == "triton":
-            raise UsageError(f"--eigensolver triton: needs a CUDA device and the triton package "
-                             f"(this run is on {device.type}); use --eigensolver lapack")
-        return "lapack"
-    problem = kernel_problem(device)
-    if problem is None:
-        return "triton"
+    if not eigen.triton_available(device):
+        problem = f"they need a CUDA device and the triton package (this run is on {device})"
+    else:
+        problem = eigen.kernel_problem(device)
+        if problem is None:
+            return "triton"
+        problem = f"they do not run on {device}: {problem}"
     if name == "triton":
-        raise UsageError(f"--eigensolver triton: the Triton kernels do not run on {device} "
-                         f"({problem}); use --eigensolver lapack")
+        raise UsageError(f"--eigensolver triton: {problem}; use --eigensolver lapack")
+    if reporter is not None:
+        reporter.warn(f"--eigensolver auto: no Triton kernels ({problem}); the eigenvalues go to "
+                      f"LAPACK on CPU threads, slower with many layers")
     return "lapack"
 
 
@@ -844,12 +844,8 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     total = len(text_batches) + sum(len(b) for b in plan)
     if total == 0:
         return 0
-    solver = resolve_eigensolver(config.eigensolver, model.device, len(captures) * len(layers))
-    if config.eigensolver == "auto" and solver == "lapack" and model.device.type == "cuda" and \
-            len(captures) * len(layers) > 2 and triton_available(model.device):
-        reporter.warn(f"--eigensolver auto: the Triton kernels do not run on {model.device} "
-                      f"({kernel_problem(model.device)}); the eigenvalues go to LAPACK on CPU "
-                      f"threads, which is slower with many layers")
+    solver = resolve_eigensolver(config.eigensolver, model.device, len(captures) * len(layers),
+                                 reporter)
     # On GPU runs CPU threads write the parts and, with LAPACK, compute the eigenvalues (one
     # BLAS thread each); the Triton kernels leave them only the writing.
     workers = 0
@@ -945,7 +941,8 @@ def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None
     per chunk), then copied to host memory without stalling the GPU."""
     groups, index = _group_index(captured, ks)
     keys = [(capture, layer, k) for capture, layer in captured for k in index]
-    values = gram_spectra([captured[capture, layer][index[k], :k] for capture, layer, k in keys])
+    values = eigen.gram_spectra([captured[capture, layer][index[k], :k]
+                                 for capture, layer, k in keys])
     spectra = dict(zip(keys, values, strict=True))
     if values[0].device.type != "cuda" or pinned is None:
         return _HostSpectra({key: v.cpu() for key, v in spectra.items()}, groups)
@@ -959,7 +956,7 @@ def _group_index(captured: dict, ks: list[int]) -> tuple[dict, dict]:
     from host memory waits for the GPU."""
     groups = _k_groups(ks)
     device = next(iter(captured.values())).device
-    return groups, {k: to_device(torch.tensor(members), device)
+    return groups, {k: eigen.to_device(torch.tensor(members), device)
                     for k, members in groups.items() if k}
 
 
