@@ -398,7 +398,8 @@ def report_bench(result: dict, reporter: Reporter) -> None:
          result["plain_forward"]["tokens_per_s"]],
         ["plain forward MFU", f"{100 * result['plain_forward']['mfu']:.1f}%"],
         ["decode share", f"{100 * result['decode_share']:.1f}%"],
-        ["capture + SVD share", f"{100 * result['capture_svd_share']:.1f}%"],
+        [f"capture + SVD share (layers {result['layers']}, eigenvalues by "
+         f"{result['eigensolver']})", f"{100 * result['capture_svd_share']:.1f}%"],
         ["padding overhead", f"{100 * result['padding_overhead']:.1f}%"],
         ["peak GPU memory (GB)", result["peak_gpu_memory_gb"] or "-"],
         ["projected full sweep (s)", result["projected_full_sweep_seconds"]],

@@ -258,7 +258,8 @@ def resolve_eigensolver(name: str, device: torch.device, slots: int,
     ``auto`` takes Triton on a CUDA device, when it is installed, for more captured (tensor,
     layer) slots than the default two. At two, the CPU threads keep up with the GPU and cost it
     nothing, while the kernels take 2.6 s of GPU time per 55 s of sweep; at 32 they are 12x
-    faster than the threads (docs/performance.md, "Every layer"). Where the kernels cannot run,
+    faster than the threads (docs/performance.md, "Every layer"; the crossover between 3 and
+    31 slots is not measured). Where the kernels cannot run,
     ``triton`` is refused and ``auto`` takes LAPACK, with a warning to ``reporter``."""
     if name == "lapack" or (name == "auto" and (device.type != "cuda" or slots <= 2)):
         return "lapack"
