@@ -930,7 +930,7 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
     for (capture, layer), rows in captured.items():
         for k in index:
             grams[capture, layer, k] = gram_matrices(rows[index[k], :k])
-    if next(iter(grams.values())).device.type != "cuda" or pinned is None:
+    if not grams or next(iter(grams.values())).device.type != "cuda" or pinned is None:
         return _HostGrams(grams, groups)
     host, ready, buffer = _copy_to_pinned(grams, pinned)
     return _HostGrams(host, groups, ready, buffer, pinned)
@@ -945,7 +945,7 @@ def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None
     values = eigen.gram_spectra([captured[capture, layer][index[k], :k]
                                  for capture, layer, k in keys])
     spectra = dict(zip(keys, values, strict=True))
-    if values[0].device.type != "cuda" or pinned is None:
+    if not spectra or values[0].device.type != "cuda" or pinned is None:
         return _HostSpectra({key: v.cpu() for key, v in spectra.items()}, groups)
     host, ready, buffer = _copy_to_pinned(spectra, pinned)
     return _HostSpectra(host, groups, ready, buffer, pinned)
