@@ -29,12 +29,13 @@ from vtkit.pruning import gram_matrices
 
 # Bisection halvings: Gershgorin's interval, halved 56 times, is narrower than 2e-16 of itself.
 BISECTION_ITERATIONS = 56
-# Gram bytes per pair of launches: bounds the buffer the matrices are copied into.
+# Device bytes per pair of launches: the Gram matrices and their working vectors.
 CHUNK_BYTES = 1 << 30
 # The reduction's tile (rows x columns of the lower triangle per step of its loop) and warps.
 # (32 x 32, 4 warps: the fastest of seven measured on an H200 at k = 576 and 320.)
 TRIDIAGONAL_TILE = {"ROWS": 32, "COLS": 32, "num_warps": 4}
-# Widest matrix the kernels take: one program's lanes span a row (4 x 576 = LLaVA's 576).
+# Widest matrix the kernels take: a program holds whole columns in registers (as many lanes as
+# the next power of two), which stays affordable up to here; LLaVA's largest is 576.
 MAX_SIZE = 2048
 
 

@@ -2,15 +2,16 @@
 mixed sizes, in two launches.
 
 ``tridiagonalize``: one program per matrix reduces it in place to tridiagonal form by
-Householder reflections (LAPACK's dsytd2, unblocked): for each row j, the reflector v that
-zeroes it beyond the superdiagonal, p = A v over the trailing block, w = p - (v.p) v, and the
-rank-2 update A -= 2 (v w^T + w v^T). The update's pass over the block also computes the next
-step's p: the block's first row is updated first, it gives the next reflector, and the other
-rows, updated tile by tile, are multiplied by it while in registers. One read and one write of
-the trailing block per step, the least an unblocked reduction moves. Matrices lie end to end
+Householder reflections (LAPACK's dsytd2, unblocked, lower triangle): for each column j, the
+reflector v that zeroes it below the subdiagonal, p = A v over the trailing block,
+w = p - (v.p) v, and the rank-2 update A -= 2 (v w^T + w v^T). Only the lower triangle is read
+and written. The update's pass over the block also computes the next step's p: the block's
+first column is updated first and gives the next reflector; the other entries, updated tile by
+tile, are multiplied by it while in registers (each entry once as itself, once as its mirror
+image). One read and one write of half the trailing block per step. Matrices lie end to end
 in one flat buffer (``offsets``, ``sizes``), so one launch takes a batch's every k and layer.
-Vectors shared across the program's lanes (v, p, w) go through a scratch buffer; a barrier
-separates each pass from the next.
+Vectors shared across the program's lanes (v, w, the parts of p) go through a scratch buffer;
+barriers separate the passes.
 
 ``bisect``: eigenvalues of the tridiagonal matrices by bisection on Sturm counts (LAPACK's
 dlaebz count, with its pivmin guard): each lane owns one eigenvalue index i and halves its
