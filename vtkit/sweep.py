@@ -654,24 +654,27 @@ class _PinnedBuffers:
 
 
 @dataclass
-class _HostGrams:
-    """One batch's Gram matrices in host memory, by (capture, layer, k): each group of rows
-    sharing a k has its own k x k matrices (``groups``: k -> the rows' positions in the batch).
-    On CUDA they sit in one pinned buffer whose copy ``ready`` marks as landed, returned to
-    ``pool`` once read."""
+class _HostSpectra:
+    """One batch's singular values in host memory, by (capture, layer, k), as computed on the
+    device (:func:`vtkit.eigen.gram_spectra`): [rows, min(k, d)] float32, descending, for the
+    rows sharing a k (``groups``: k -> the rows' positions in the batch). On CUDA ``tensors``
+    sit in one pinned buffer whose copy ``ready`` marks as landed, returned to ``pool`` once
+    read."""
 
-    grams: dict
+    tensors: dict
     groups: dict
     ready: object = None
     buffer: torch.Tensor | None = None
     pool: _PinnedBuffers | None = None
 
-    def values(self) -> dict:
-        """Each group's singular values [rows, min(k, d)], float32, descending: LAPACK's
-        float64 eigenvalues of the Gram matrices."""
+    def landed(self) -> dict:
+        """The tensors as numpy arrays, once their copy to host memory has landed."""
         if self.ready is not None:
-            self.ready.synchronize()    # the copy to pinned host memory has landed
-        return {key: spectra_from_gram(g.numpy()) for key, g in self.grams.items()}
+            self.ready.synchronize()
+        return {key: t.numpy() for key, t in self.tensors.items()}
+
+    def values(self) -> dict:
+        return self.landed()
 
     def release(self) -> None:
         if self.pool is not None and self.buffer is not None:
@@ -680,18 +683,16 @@ class _HostGrams:
 
 
 @dataclass
-class _HostSpectra(_HostGrams):
-    """One batch's singular values, computed on the device (:func:`vtkit.eigen.gram_spectra`),
-    in host memory by (capture, layer, k) (``grams`` holds them)."""
+class _HostGrams(_HostSpectra):
+    """One batch's float64 Gram matrices (min(k, d) square) in host memory instead: their
+    singular values are found on the CPU thread that reads them (LAPACK)."""
 
     def values(self) -> dict:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return {key: s.numpy() for key, s in self.grams.items()}
+        return {key: spectra_from_gram(g) for key, g in self.landed().items()}
 
 
 def _finish_image_batch(store, name: str, index: np.ndarray, ks: list[int], answers: list[str],
-                        spectra: _HostGrams | _HostSpectra, kept: dict) -> None:
+                        spectra: _HostSpectra, kept: dict) -> None:
     """Write one image batch's part: answers, its spectra (by capture and layer, each
     question's min(k, d) values end to end, in batch order), kept rows."""
     arrays = {"question_index": index, "k": np.asarray(ks, dtype=np.int32), "answers": answers}
