@@ -3,10 +3,11 @@
 The sweep stores, for every captured (tensor, layer) and every (question, k) row, the singular
 values of the k x d block of visual rows. They are the square roots of the eigenvalues of the
 float64 Gram matrix (min(k, d) square). On a GPU run :func:`gram_spectra` computes them where
-the captures are: the Gram matrices of all a batch's blocks go end to end into one buffer, a
-Triton kernel reduces each to tridiagonal form (Householder, in place), and a second finds the
-eigenvalues of the tridiagonal matrices by bisection (:mod:`vtkit.eigen_kernels`). Two launches
-per chunk of matrices, whatever the mix of sizes; only the singular values leave the GPU.
+the captures are: the Gram matrices of all a batch's blocks go end to end into one buffer,
+Triton kernels reduce each to tridiagonal form (blocked Householder, in place, a panel of
+columns per pair of launches), and another finds the eigenvalues of the tridiagonal matrices by
+bisection (:mod:`vtkit.eigen_kernels`). Each launch takes every matrix of the chunk, whatever
+the mix of sizes; only the singular values leave the GPU.
 
 Accuracy: both steps are backward stable in float64, as LAPACK's dsyevd (Householder, then
 dsterf) is: each eigenvalue is found to within a few units of 1e-16 times the largest, so a
@@ -29,13 +30,14 @@ from vtkit.pruning import gram_matrices
 
 # Bisection halvings: Gershgorin's interval, halved 56 times, is narrower than 2e-16 of itself.
 BISECTION_ITERATIONS = 56
-# Device bytes per pair of launches: the Gram matrices and their working vectors.
+# Device bytes per chunk of launches: the Gram matrices and their working vectors.
 CHUNK_BYTES = 1 << 30
-# The reduction's tile (rows x columns of the lower triangle per step of its loop) and warps.
-# (32 x 32, 4 warps: the fastest of seven measured on an H200 at k = 576 and 320.)
-TRIDIAGONAL_TILE = {"ROWS": 32, "COLS": 32, "num_warps": 4}
-# Widest matrix the kernels take: a program holds whole columns in registers (as many lanes as
-# the next power of two), which stays affordable up to here; LLaVA's largest is 576.
+# The reduction's tile (rows x columns of the lower triangle per step of a pass), its panel
+# (columns whose reflectors update the trailing block together), the lanes of its vector work,
+# and warps per program. Measured on an H200 against 9 other settings (docs/performance.md).
+TRIDIAGONAL_TILE = {"ROWS": 16, "COLS": 32, "PANEL": 16, "CHUNK": 128, "num_warps": 2}
+# Widest matrix the kernels take (their scratch grows with it, and nothing wider was tested);
+# LLaVA's largest is 576.
 MAX_SIZE = 2048
 
 
@@ -92,17 +94,23 @@ def symmetric_eigenvalues(matrices: torch.Tensor, sizes: torch.Tensor, offsets: 
     kernels = _kernels()
     count = int(sizes.numel())
     device = matrices.device
-    lanes = max(16, 1 << (width - 1).bit_length())
     d, e = (torch.zeros((count, width), dtype=torch.float64, device=device) for _ in range(2))
     tiles = -(-width // TRIDIAGONAL_TILE["COLS"])
-    scratch = torch.zeros((count, 5 + 2 * tiles, width), dtype=torch.float64, device=device)
+    panel = TRIDIAGONAL_TILE["PANEL"]
+    update_options = {key: value for key, value in TRIDIAGONAL_TILE.items() if key != "CHUNK"}
+    scratch = torch.zeros((count, 2 * panel + 3 + tiles, width),
+                          dtype=torch.float64, device=device)
     # (_working_vectors counts these: d, e, the values below, and the scratch.)
     values = torch.zeros((count, width), dtype=torch.float64, device=device)
     step = 64
     # Triton launches on the current device: make it the tensors' (e.g. --device cuda:1).
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        kernels.tridiagonalize[(count,)](matrices, offsets, sizes, d, e, scratch, width, tiles,
-                                         VEC=lanes, **TRIDIAGONAL_TILE)
+        for s0 in range(0, width, panel):
+            kernels.reduce_panel[(count,)](matrices, offsets, sizes, d, e, scratch, width,
+                                           tiles, s0, **TRIDIAGONAL_TILE)
+            if s0 + panel + 1 < width:
+                kernels.update_trailing[(count, tiles)](matrices, offsets, sizes, scratch,
+                                                        width, tiles, s0, **update_options)
         lower, upper, pivmin = _bisection_bounds(d, e, sizes)
         e2 = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1] ** 2], dim=1)
         kernels.bisect[(count, -(-width // step))](d, e2, lower, upper, pivmin, sizes, values,
@@ -163,7 +171,7 @@ def gram_spectra(blocks: list[torch.Tensor],
 def _working_vectors(width: int) -> int:
     """Float64 vectors of ``width`` per matrix that :func:`symmetric_eigenvalues` allocates: d,
     e, the eigenvalues, and the reduction's scratch."""
-    return 3 + 5 + 2 * -(-width // TRIDIAGONAL_TILE["COLS"])
+    return 3 + 2 * TRIDIAGONAL_TILE["PANEL"] + 3 + -(-width // TRIDIAGONAL_TILE["COLS"])
 
 
 def _spectra_chunk(blocks: list[torch.Tensor], chunk: list[int], out: list) -> None:

@@ -2,16 +2,20 @@
 mixed sizes, in two launches.
 
 ``tridiagonalize``: one program per matrix reduces it in place to tridiagonal form by
-Householder reflections (LAPACK's dsytd2, unblocked, lower triangle): for each column j, the
-reflector v that zeroes it below the subdiagonal, p = A v over the trailing block,
-w = p - (v.p) v, and the rank-2 update A -= 2 (v w^T + w v^T). Only the lower triangle is read
-and written. The update's pass over the block also computes the next step's p: the block's
-first column is updated first and gives the next reflector; the other entries, updated tile by
-tile, are multiplied by it while in registers (each entry once as itself, once as its mirror
-image). One read and one write of half the trailing block per step. Matrices lie end to end
-in one flat buffer (``offsets``, ``sizes``), so one launch takes a batch's every k and layer.
-Vectors shared across the program's lanes (v, w, the parts of p) go through a scratch buffer;
-barriers separate the passes.
+Householder reflections, blocked as LAPACK's dsytrd blocks them (dlatrd's panel, lower
+triangle). For each column j of a panel of PANEL columns: the column as updated by the panel's
+earlier reflectors, the reflector v that zeroes it below the subdiagonal, p = A_j v (one read
+of the trailing block as it was at the panel's start, corrected by the earlier reflectors) and
+w = p - (v.p) v. At the panel's end the trailing block takes the rank-2 PANEL update
+A -= 2 (V W^T + W V^T) in one read and one write, a matrix product per tile, and that pass also
+computes the next panel's first p. Per column that is about one read of half the trailing
+block, against one read and one write unblocked. Each entry of the lower triangle is read
+once per pass and counts twice, as itself and as its mirror image.
+
+Matrices lie end to end in one flat buffer (``offsets``, ``sizes``), so one launch takes a
+batch's every k and layer. Vectors (the column, v, w, the parts of p) live in a scratch buffer
+and are worked on CHUNK lanes at a time, so that a program's registers go to the tiles of the
+passes and more programs fit on a multiprocessor; barriers separate the stages.
 
 ``bisect``: eigenvalues of the tridiagonal matrices by bisection on Sturm counts (LAPACK's
 dlaebz count, with its pivmin guard): each lane owns one eigenvalue index i and halves its
@@ -28,96 +32,229 @@ import triton.language as tl
 
 
 @triton.jit
-def _reflector(x, lanes):
-    """The Householder reflector of x: (alpha, v) with (I - 2 v v^T) x = alpha e_0, |v| = 1
-    (v = 0 when x = 0). alpha takes the sign opposite to x[0], so v[0] does not cancel."""
-    norm = tl.sqrt(tl.sum(x * x, axis=0))
-    head = tl.sum(tl.where(lanes == 0, x, 0.0), axis=0)
-    alpha = tl.where(head >= 0, -norm, norm)
-    v = tl.where(lanes == 0, x - alpha, x)
-    return alpha, v / tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), 1e-300)
+def _zero():
+    """A float64 scalar zero that a loop can accumulate into."""
+    return tl.sum(tl.zeros([16], tl.float64), axis=0)
 
 
 @triton.jit
-def tridiagonalize(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, stride, tiles,
-                   VEC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    pid = tl.program_id(0)
-    a = a_ptr + tl.load(offsets_ptr + pid)
-    n = tl.load(sizes_ptr + pid)
-    d = d_ptr + pid * stride
-    e = e_ptr + pid * stride
-    # Scratch, by step parity: v; p = A v from the entries above the diagonal (read as their
-    # mirror images); w; then p's parts from the entries on or below it, one row per column
-    # tile (``tiles`` of them), summed at the next step. Zeros at first.
-    scratch = scratch_ptr + pid * (5 + 2 * tiles) * stride
-    ws = scratch + 4 * stride
-    lanes = tl.arange(0, VEC)
+def _column_tile(block, n, size, c, v_ptr, parts, mirrored_part, stride, update_v, update_w,
+                 UPDATE: tl.constexpr, PANEL: tl.constexpr, ROWS: tl.constexpr,
+                 COLS: tl.constexpr):
+    """Column tile c (columns c..c+COLS-1, every row tile on or below the diagonal) of a pass
+    over the lower triangle of the ``size``-square block at ``block`` (row stride n): its parts
+    of p = B v (v at ``v_ptr``, B symmetric), and with UPDATE first the panel's update
+    B -= 2 (V W^T + W V^T), written back (the PANEL vectors at ``update_v`` and ``update_w``,
+    ``stride`` apart). Each entry counts twice, as itself and as its mirror image: p[c..]
+    collects the tile's columns (``mirrored_part``), p[r] row r's entries left of the diagonal
+    (row c // COLS of ``parts``; the caller sums the rows)."""
     tile_rows = tl.arange(0, ROWS)
-    tile_cols = tl.arange(0, COLS)
-    for s in range(0, n - 1):
-        # Step s: the block is rows/columns s.. (size m) of the lower triangle. It applies the
-        # reflector of step s - 1 (none at s = 0: v = w = 0) and builds reflector s from the
-        # updated column 0, then updates the rest of the block and computes the next p.
-        m = n - s
-        vs = scratch + (s % 2) * stride
-        v = tl.load(vs + lanes, mask=lanes < m, other=0.0)
-        p = tl.load(scratch + (2 + s % 2) * stride + lanes, mask=lanes < m, other=0.0)
-        rows_now = scratch + (5 + (s % 2) * tiles) * stride
+    cols = c + tl.arange(0, COLS)
+    live_cols = cols < size
+    vc = tl.load(v_ptr + cols, mask=live_cols, other=0.0)
+    mirrored = tl.zeros([ROWS, COLS], tl.float64)
+    if UPDATE:
+        panel = tl.arange(0, PANEL)
+        at_cols = panel[:, None] * stride + cols[None, :]
+        wc = tl.load(update_w + at_cols, mask=live_cols[None, :], other=0.0)
+        uc = tl.load(update_v + at_cols, mask=live_cols[None, :], other=0.0)
+    for r in range(c, size, ROWS):
+        rows = r + tile_rows
+        inside = rows < size
+        lower = inside[:, None] & live_cols[None, :] & (cols[None, :] <= rows[:, None])
+        at = block + rows[:, None] * n + cols[None, :]
+        tile = tl.load(at, mask=lower, other=0.0)
+        if UPDATE:
+            at_rows = rows[:, None] + panel[None, :] * stride
+            ur = tl.load(update_v + at_rows, mask=inside[:, None], other=0.0)
+            wr = tl.load(update_w + at_rows, mask=inside[:, None], other=0.0)
+            tile = tile - 2.0 * (tl.dot(ur, wc) + tl.dot(wr, uc))
+            tile = tl.where(lower, tile, 0.0)
+            tl.store(at, tile, mask=lower)
+        vr = tl.load(v_ptr + rows, mask=inside, other=0.0)
+        tl.store(parts + (c // COLS) * stride + rows, tl.sum(tile * vc[None, :], axis=1),
+                 mask=inside)
+        mirrored += tl.where(cols[None, :] < rows[:, None], tile, 0.0) * vr[:, None]
+    tl.store(mirrored_part + cols, tl.sum(mirrored, axis=0), mask=live_cols)
+
+
+@triton.jit
+def _column(block, n, j, m, vs, ws, stride, count, out, CHUNK: tl.constexpr):
+    """Column j (rows j..m-1) of the block after the panel's first ``count`` reflectors, the
+    stored column minus 2 sum_i (v_i w_i[j] + w_i v_i[j]), into ``out`` (zeros above row j).
+    Returns its entries j and j + 1 and the sum of squares of those below j + 1."""
+    lanes = tl.arange(0, CHUNK)
+    diagonal = _zero()
+    below = _zero()
+    rest = _zero()
+    for c in range(0, m, CHUNK):
+        at = c + lanes
+        live = (at >= j) & (at < m)
+        column = tl.load(block + at * n + j, mask=live, other=0.0)
+        for i in range(0, count):
+            vi = tl.load(vs + i * stride + at, mask=live, other=0.0)
+            wi = tl.load(ws + i * stride + at, mask=live, other=0.0)
+            column -= 2.0 * (vi * tl.load(ws + i * stride + j) +
+                             wi * tl.load(vs + i * stride + j))
+        column = tl.where(live, column, 0.0)
+        tl.store(out + at, column, mask=at < m)
+        diagonal += tl.sum(tl.where(at == j, column, 0.0), axis=0)
+        below += tl.sum(tl.where(at == j + 1, column, 0.0), axis=0)
+        rest += tl.sum(tl.where(at > j + 1, column * column, 0.0), axis=0)
+    return diagonal, below, rest
+
+
+@triton.jit
+def _next_reflector(block, n, j, m, s, size, vs, ws, stride, count, work, d, e, v_out, start,
+                    CHUNK: tl.constexpr):
+    """Column j of the block (the matrix's column s, of ``size``): d[s], e[s], and into
+    ``v_out`` (rows start..m-1) the reflector that zeroes the column below row j + 1. It is
+    zero for the last two columns, which need none."""
+    diagonal, below, rest = _column(block, n, j, m, vs, ws, stride, count, work, CHUNK)
+    tl.store(d + s, diagonal)
+    # x = column[j + 1:]; (I - 2 v v^T) x = alpha e_0 with |v| = 1, alpha of the sign
+    # opposite to x[0] so that v[0] does not cancel (LAPACK's dlarfg); v = 0 when x = 0.
+    norm = tl.sqrt(below * below + rest)
+    alpha = tl.where(below >= 0, -norm, norm)
+    head = below - alpha
+    scale = 1.0 / tl.maximum(tl.sqrt(head * head + rest), 1e-300)
+    reflect = s < size - 2
+    if s == size - 2:
+        tl.store(e + s, below)
+    if reflect:
+        tl.store(e + s, alpha)
+    tl.debug_barrier()
+    lanes = tl.arange(0, CHUNK)
+    for c in range(0, m, CHUNK):
+        at = c + lanes
+        x = tl.load(work + at, mask=(at > j) & (at < m), other=0.0)
+        v = tl.where(at == j + 1, head, x) * scale
+        tl.store(v_out + at, tl.where(reflect, v, 0.0), mask=(at >= start) & (at < m))
+
+
+@triton.jit
+def _panel_w(j, m, vs, ws, stride, parts, mirrored_part, tiles, COLS: tl.constexpr,
+             CHUNK: tl.constexpr):
+    """w_j = p - (v.p) v, where p = A_j v_j: the pass's parts (they start at row j + 1) minus
+    2 sum_{i<j} (v_i (w_i.v) + w_i (v_i.v)). Built in place in row j of W."""
+    lanes = tl.arange(0, CHUNK)
+    v_ptr = vs + j * stride
+    w_ptr = ws + j * stride
+    for c in range(0, m, CHUNK):
+        at = c + lanes
+        local = at - j - 1
+        live = (local >= 0) & (at < m)
+        p = tl.load(mirrored_part + local, mask=live, other=0.0)
         for t in range(0, tiles):
-            # Row i's parts come from the column tiles that start at or before its diagonal.
-            p += tl.load(rows_now + t * stride + lanes, mask=(lanes < m) & (t <= lanes // COLS),
-                         other=0.0)
-        w = p - tl.sum(v * p, axis=0) * v
-        tl.store(ws + lanes, w, mask=lanes < m)
-        vn = scratch + (1 - s % 2) * stride
-        cols_next = scratch + (3 - s % 2) * stride
-        rows_next = scratch + (5 + (1 - s % 2) * tiles) * stride
-        tl.debug_barrier()
-        block = a + s * n + s
-        v0 = tl.load(vs)
-        w0 = tl.load(ws)
-        column = tl.load(block + lanes * n, mask=lanes < m, other=0.0)
-        column = column - 2.0 * (v * w0 + w * v0)
-        tl.store(block + lanes * n, column, mask=lanes < m)
-        tl.store(d + s, tl.sum(tl.where(lanes == 0, column, 0.0), axis=0))
-        tl.debug_barrier()
-        if s < n - 2:
-            alpha, vnext = _reflector(
-                tl.load(block + (lanes + 1) * n, mask=lanes < m - 1, other=0.0), lanes)
-            tl.store(e + s, alpha)
-            tl.store(vn + lanes, vnext, mask=lanes < m - 1)
-        tl.debug_barrier()
-        for c in range(1, m, COLS):
-            parts = rows_next + ((c - 1) // COLS) * stride
-            cols = c + tile_cols
-            live_cols = cols < m
-            vc = tl.load(vs + cols, mask=live_cols, other=0.0)
-            wc = tl.load(ws + cols, mask=live_cols, other=0.0)
-            ahead_c = tl.load(vn + cols - 1, mask=live_cols, other=0.0)
-            mirrored = tl.zeros([COLS], tl.float64)
-            for r in range(c, m, ROWS):
-                rows = r + tile_rows
-                inside = rows < m
-                lower = inside[:, None] & live_cols[None, :] & (cols[None, :] <= rows[:, None])
-                at = block + rows[:, None] * n + cols[None, :]
-                vr = tl.load(vs + rows, mask=inside, other=0.0)
-                wr = tl.load(ws + rows, mask=inside, other=0.0)
-                tile = tl.load(at, mask=lower, other=0.0)
-                tile = tile - 2.0 * (vr[:, None] * wc[None, :] + wr[:, None] * vc[None, :])
-                tile = tl.where(lower, tile, 0.0)
-                tl.store(at, tile, mask=lower)
-                ahead_r = tl.load(vn + rows - 1, mask=inside, other=0.0)
-                # p'[r] += L[r, c] v'[c] (c <= r); p'[c] += L[r, c] v'[r] (c < r).
-                tl.store(parts + rows - 1, tl.sum(tile * ahead_c[None, :], axis=1), mask=inside)
-                strict = tl.where(cols[None, :] < rows[:, None], tile, 0.0)
-                mirrored += tl.sum(strict * ahead_r[:, None], axis=0)
-            tl.store(cols_next + cols - 1, mirrored, mask=live_cols)
-        tl.debug_barrier()
-    if n == 1:
-        tl.store(d, tl.load(a))
-    if n >= 2:
-        tl.store(e + n - 2, tl.load(a + (n - 1) * n + n - 2))
-        tl.store(d + n - 1, tl.load(a + (n - 1) * n + n - 1))
+            p += tl.load(parts + t * stride + local, mask=live & (t <= local // COLS), other=0.0)
+        tl.store(w_ptr + at, p, mask=at < m)
+    for i in range(0, j):
+        wv = _zero()
+        vv = _zero()
+        for c in range(0, m, CHUNK):
+            at = c + lanes
+            live = at < m
+            v = tl.load(v_ptr + at, mask=live, other=0.0)
+            wv += tl.sum(tl.load(ws + i * stride + at, mask=live, other=0.0) * v, axis=0)
+            vv += tl.sum(tl.load(vs + i * stride + at, mask=live, other=0.0) * v, axis=0)
+        for c in range(0, m, CHUNK):
+            at = c + lanes
+            live = at < m
+            p = tl.load(w_ptr + at, mask=live, other=0.0)
+            p -= 2.0 * (tl.load(vs + i * stride + at, mask=live, other=0.0) * wv +
+                        tl.load(ws + i * stride + at, mask=live, other=0.0) * vv)
+            tl.store(w_ptr + at, p, mask=live)
+    vp = _zero()
+    for c in range(0, m, CHUNK):
+        at = c + lanes
+        live = at < m
+        vp += tl.sum(tl.load(v_ptr + at, mask=live, other=0.0) *
+                     tl.load(w_ptr + at, mask=live, other=0.0), axis=0)
+    for c in range(0, m, CHUNK):
+        at = c + lanes
+        live = at < m
+        w = tl.load(w_ptr + at, mask=live, other=0.0) - vp * tl.load(v_ptr + at, mask=live,
+                                                                      other=0.0)
+        tl.store(w_ptr + at, tl.where(at > j, w, 0.0), mask=live)
+
+
+@triton.jit
+def _scratch(scratch_ptr, pid, stride, tiles, PANEL: tl.constexpr):
+    """A program's scratch: the panel's reflectors V and W (PANEL rows each, in the panel's
+    coordinates), the next panel's first reflector, a column, then p's parts: the mirrored one
+    and one per column tile."""
+    vs = scratch_ptr + pid * (2 * PANEL + 3 + tiles) * stride
+    ws = vs + PANEL * stride
+    ahead = vs + 2 * PANEL * stride
+    return vs, ws, ahead, ahead + stride, ahead + 2 * stride, ahead + 3 * stride
+
+
+@triton.jit
+def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, stride, tiles, s0,
+                 ROWS: tl.constexpr, COLS: tl.constexpr, PANEL: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """The panel of columns s0 .. s0 + PANEL - 1 of each matrix (one program per matrix):
+    its reflectors V, W, its part of d and e, and the next panel's first reflector. The block
+    at (s0, s0) stays as it was at the panel's start; :func:`update_trailing` updates it."""
+    pid = tl.program_id(0)
+    n = tl.load(sizes_ptr + pid)
+    if s0 < n:
+        m = n - s0
+        block = a_ptr + tl.load(offsets_ptr + pid) + s0 * n + s0
+        d = d_ptr + pid * stride
+        e = e_ptr + pid * stride
+        vs, ws, ahead, work, mirrored_part, parts = _scratch(scratch_ptr, pid, stride, tiles,
+                                                             PANEL)
+        lanes = tl.arange(0, CHUNK)
+        for j in range(0, tl.minimum(PANEL, m)):
+            s = s0 + j
+            if (j == 0) & (s0 > 0):
+                # The last trailing update computed d[s], e[s], the reflector and p's parts.
+                for c in range(0, m, CHUNK):
+                    at = c + lanes
+                    tl.store(vs + at, tl.load(ahead + at, mask=at < m, other=0.0),
+                             mask=at < m)
+            else:
+                _next_reflector(block, n, j, m, s, n, vs, ws, stride, j, work, d, e,
+                                vs + j * stride, 0, CHUNK)
+            tl.debug_barrier()
+            if (s < n - 2) & ((j > 0) | (s0 == 0)):
+                for c in range(0, m - j - 1, COLS):
+                    _column_tile(block + (j + 1) * n + j + 1, n, m - j - 1, c,
+                                 vs + j * stride + j + 1, parts, mirrored_part, stride, vs, ws,
+                                 False, PANEL, ROWS, COLS)
+                tl.debug_barrier()
+            if s < n - 2:
+                _panel_w(j, m, vs, ws, stride, parts, mirrored_part, tiles, COLS, CHUNK)
+            else:
+                for c in range(0, m, CHUNK):
+                    at = c + lanes
+                    tl.store(ws + j * stride + at, tl.zeros([CHUNK], tl.float64), mask=at < m)
+            tl.debug_barrier()
+        if s0 + PANEL < n:
+            # The next panel's first column and reflector, in its coordinates (PANEL rows
+            # down): the trailing update multiplies by it.
+            _next_reflector(block, n, PANEL, m, s0 + PANEL, n, vs, ws, stride, PANEL, work, d,
+                            e, ahead - PANEL, PANEL, CHUNK)
+
+
+@triton.jit
+def update_trailing(a_ptr, offsets_ptr, sizes_ptr, scratch_ptr, stride, tiles, s0,
+                    ROWS: tl.constexpr, COLS: tl.constexpr, PANEL: tl.constexpr):
+    """After :func:`reduce_panel` at s0: the block below and right of the next panel's first
+    column takes the panel's update, and its product with the next reflector is left in the
+    parts. One program per (matrix, column tile)."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1) * COLS
+    n = tl.load(sizes_ptr + pid)
+    size = n - s0 - PANEL - 1
+    if c < size:
+        start = s0 + PANEL + 1
+        block = a_ptr + tl.load(offsets_ptr + pid) + start * n + start
+        vs, ws, ahead, work, mirrored_part, parts = _scratch(scratch_ptr, pid, stride, tiles,
+                                                             PANEL)
+        _column_tile(block, n, size, c, ahead + 1, parts, mirrored_part, stride,
+                     vs + PANEL + 1, ws + PANEL + 1, True, PANEL, ROWS, COLS)
 
 
 @triton.jit
