@@ -105,9 +105,9 @@ def _column(block, n, j, m, vs, ws, stride, count, out, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _next_reflector(block, n, j, m, s, size, vs, ws, stride, count, work, d, e, v_out, start,
+def _next_reflector(block, n, j, m, s, vs, ws, stride, count, work, d, e, v_out, start,
                     CHUNK: tl.constexpr):
-    """Column j of the block (the matrix's column s, of ``size``): d[s], e[s], and into
+    """Column j of the block (the n x n matrix's column s): d[s], e[s], and into
     ``v_out`` (rows start..m-1) the reflector that zeroes the column below row j + 1. It is
     zero for the last two columns, which need none."""
     diagonal, below, rest = _column(block, n, j, m, vs, ws, stride, count, work, CHUNK)
@@ -118,8 +118,8 @@ def _next_reflector(block, n, j, m, s, size, vs, ws, stride, count, work, d, e, 
     alpha = tl.where(below >= 0, -norm, norm)
     head = below - alpha
     scale = 1.0 / tl.maximum(tl.sqrt(head * head + rest), 1e-300)
-    reflect = s < size - 2
-    if s == size - 2:
+    reflect = s < n - 2
+    if s == n - 2:
         tl.store(e + s, below)
     if reflect:
         tl.store(e + s, alpha)
@@ -215,7 +215,7 @@ def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, strid
                     tl.store(vs + at, tl.load(ahead + at, mask=at < m, other=0.0),
                              mask=at < m)
             else:
-                _next_reflector(block, n, j, m, s, n, vs, ws, stride, j, work, d, e,
+                _next_reflector(block, n, j, m, s, vs, ws, stride, j, work, d, e,
                                 vs + j * stride, 0, CHUNK)
             tl.debug_barrier()
             if (s < n - 2) & ((j > 0) | (s0 == 0)):
@@ -234,7 +234,7 @@ def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, strid
         if s0 + PANEL < n:
             # The next panel's first column and reflector, in its coordinates (PANEL rows
             # down): the trailing update multiplies by it.
-            _next_reflector(block, n, PANEL, m, s0 + PANEL, n, vs, ws, stride, PANEL, work, d,
+            _next_reflector(block, n, PANEL, m, s0 + PANEL, vs, ws, stride, PANEL, work, d,
                             e, ahead - PANEL, PANEL, CHUNK)
 
 
