@@ -79,7 +79,10 @@ def test_zero_matrix_has_zero_eigenvalues():
     assert values.abs().max() < 1e-300
 
 
-def test_gram_spectra_match_svdvals_across_chunks():
+@pytest.mark.parametrize("input_bytes", [eigen.GRAM_INPUT_BYTES, 1])
+def test_gram_spectra_match_svdvals_across_chunks(input_bytes, monkeypatch):
+    """Whole blocks, and (1 byte) every Gram matrix product on one matrix."""
+    monkeypatch.setattr(eigen, "GRAM_INPUT_BYTES", input_bytes)
     g = torch.Generator().manual_seed(1)
     blocks = [torch.randn(3, 7, 5, generator=g),          # k > d: the d x d Gram
               torch.randn(2, 4, 9, generator=g),          # k < d: the k x k Gram
@@ -132,7 +135,8 @@ def test_auto_takes_the_kernels_on_cuda_beyond_two_slots():
 
 
 def test_sweep_with_the_triton_solver_stores_lapacks_spectra(demo_scienceqa, tmp_path):
-    """The same sweep, spectra by the kernels and by LAPACK: same answers, same values."""
+    """The same sweep, spectra by the kernels and by LAPACK: same answers, same values, for
+    every slot of two captures (the device path stacks the slots of each k into one block)."""
     if DEVICE.type != "cpu":
         pytest.skip("the CPU sweep is what runs the interpreted kernels")
     common = ["--model-path", DEMO_MODEL_DIR, "--base-dir", demo_scienceqa,
@@ -150,7 +154,8 @@ def test_sweep_with_the_triton_solver_stores_lapacks_spectra(demo_scienceqa, tmp
             result = CliRunner().invoke(app, [str(a) for a in args])
             assert result.exit_code == 0, result.output
         result = CliRunner().invoke(app, [str(a) for a in [
-            "sweep", *common, "--output-dir", out, "--eigensolver", solver]])
+            "sweep", *common, "--output-dir", out, "--eigensolver", solver,
+            "--capture", "attn_out,hidden"]])
         assert result.exit_code == 0, result.output
         runs[solver] = out / cache.SWEEP_FILE
     with h5py.File(runs["lapack"], "r") as a, h5py.File(runs["triton"], "r") as b:
@@ -159,7 +164,7 @@ def test_sweep_with_the_triton_solver_stores_lapacks_spectra(demo_scienceqa, tmp
         names = []
         a["spectra"].visit(lambda name: names.append(name)
                            if isinstance(a["spectra"][name], h5py.Dataset) else None)
-        assert len(names) == 4                                 # 2 layers x 2 k
+        assert len(names) == 8                                 # 2 captures x 2 layers x 2 k
         for name in names:
             x, y = a["spectra"][name][:], b["spectra"][name][:]
             assert x.shape == y.shape and x.shape[0] > 0

@@ -19,6 +19,7 @@ Elsewhere (CPU runs, or no Triton) the eigenvalues come from LAPACK on CPU threa
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import nullcontext
 from functools import cache
@@ -26,12 +27,15 @@ from functools import cache
 import numpy as np
 import torch
 
-from vtkit.pruning import gram_matrices
+from vtkit.pruning import gram_matrices, to_device
 
 # Bisection halvings: Gershgorin's interval, halved 56 times, is narrower than 2e-16 of itself.
 BISECTION_ITERATIONS = 56
 # Device bytes per chunk of launches: the Gram matrices and their working vectors.
 CHUNK_BYTES = 1 << 30
+# Float64 bytes of rows that one Gram matrix product reads at most (a block's rows are
+# converted a slice at a time).
+GRAM_INPUT_BYTES = 1 << 28
 # The reduction's tile (rows x columns of the lower triangle per step of a pass), its panel
 # (columns whose reflectors update the trailing block together), the lanes of its vector work,
 # and warps per program. Measured on an H200 against 9 other settings (docs/performance.md).
@@ -94,29 +98,33 @@ def symmetric_eigenvalues(matrices: torch.Tensor, sizes: torch.Tensor, offsets: 
     kernels = _kernels()
     count = int(sizes.numel())
     device = matrices.device
-    d, e = (torch.zeros((count, width), dtype=torch.float64, device=device) for _ in range(2))
+    # Rows of the working vectors padded to a multiple of 16: Triton compiles a variant per
+    # divisibility of an integer argument, and one stride keeps it to one (compiled by the
+    # kernel_problem check, not in the middle of a timed sweep).
+    stride = -(-width // 16) * 16
+    d, e = (torch.zeros((count, stride), dtype=torch.float64, device=device) for _ in range(2))
     tiles = -(-width // TRIDIAGONAL_TILE["COLS"])
     panel = TRIDIAGONAL_TILE["PANEL"]
     update_options = {key: value for key, value in TRIDIAGONAL_TILE.items() if key != "CHUNK"}
-    scratch = torch.zeros((count, 2 * panel + 3 + tiles, width),
+    scratch = torch.zeros((count, 2 * panel + 3 + tiles, stride),
                           dtype=torch.float64, device=device)
     # (_working_vectors counts these: d, e, the values below, and the scratch.)
-    values = torch.zeros((count, width), dtype=torch.float64, device=device)
+    values = torch.zeros((count, stride), dtype=torch.float64, device=device)
     step = 64
     # Triton launches on the current device: make it the tensors' (e.g. --device cuda:1).
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         for s0 in range(0, width, panel):
-            kernels.reduce_panel[(count,)](matrices, offsets, sizes, d, e, scratch, width,
+            kernels.reduce_panel[(count,)](matrices, offsets, sizes, d, e, scratch, stride,
                                            tiles, s0, **TRIDIAGONAL_TILE)
             if s0 + panel + 1 < width:
                 kernels.update_trailing[(count, tiles)](matrices, offsets, sizes, scratch,
-                                                        width, tiles, s0, **update_options)
+                                                        stride, tiles, s0, **update_options)
         lower, upper, pivmin = _bisection_bounds(d, e, sizes)
         e2 = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1] ** 2], dim=1)
         kernels.bisect[(count, -(-width // step))](d, e2, lower, upper, pivmin, sizes, values,
-                                                   width, ITERATIONS=BISECTION_ITERATIONS,
+                                                   stride, ITERATIONS=BISECTION_ITERATIONS,
                                                    BLOCK=step, num_warps=2)
-    return values
+    return values[:, :width]
 
 
 def _bisection_bounds(d: torch.Tensor, e: torch.Tensor, sizes: torch.Tensor):
@@ -126,9 +134,10 @@ def _bisection_bounds(d: torch.Tensor, e: torch.Tensor, sizes: torch.Tensor):
     live = torch.arange(width, device=d.device)[None, :] < sizes[:, None]
     # e holds zeros past each matrix's last off-diagonal element (n - 2).
     radius = e.abs() + torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1].abs()], dim=1)
-    inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
-    lower = torch.where(live, d - radius, inf).amin(dim=1)
-    upper = torch.where(live, d + radius, -inf).amax(dim=1)
+    # Python floats, not tensors made from them: a host value copied to the GPU would wait
+    # for every kernel queued before it.
+    lower = torch.where(live, d - radius, math.inf).amin(dim=1)
+    upper = torch.where(live, d + radius, -math.inf).amax(dim=1)
     norm = torch.maximum(lower.abs(), upper.abs())
     tiny = torch.finfo(torch.float64).tiny
     pivmin = tiny * torch.clamp((e ** 2).amax(dim=1), min=1.0)
@@ -185,7 +194,13 @@ def _spectra_chunk(blocks: list[torch.Tensor], chunk: list[int], out: list) -> N
     flat = torch.empty(sum(b * m * m for b, m in shapes), dtype=torch.float64, device=device)
     start = 0
     for i, (b, m) in zip(chunk, shapes, strict=True):
-        gram_matrices(blocks[i], out=flat[start:start + b * m * m].view(b, m, m))
+        block = blocks[i]
+        # In slices, so that the float64 copy of the rows that the product reads stays small.
+        step = max(1, GRAM_INPUT_BYTES // max(1, 8 * block.shape[1] * block.shape[2]))
+        for r in range(0, b, step):
+            rows = block[r:r + step]
+            gram_matrices(rows, out=flat[start + r * m * m:start + (r + len(rows)) * m * m]
+                          .view(len(rows), m, m))
         start += b * m * m
     offsets = np.zeros(len(sizes), dtype=np.int64)
     offsets[1:] = np.cumsum(np.asarray(sizes[:-1], dtype=np.int64) ** 2)
@@ -197,11 +212,3 @@ def _spectra_chunk(blocks: list[torch.Tensor], chunk: list[int], out: list) -> N
     for i, (b, m) in zip(chunk, shapes, strict=True):
         out[i] = singular[row:row + b, :m].flip(-1)
         row += b
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``, through pinned memory on CUDA so that the copy does
-    not wait for the kernels already queued."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

@@ -21,6 +21,10 @@ passes and more programs fit on a multiprocessor; barriers separate the stages.
 dlaebz count, with its pivmin guard): each lane owns one eigenvalue index i and halves its
 interval ``iterations`` times, counting the negative pivots of T - x I at the midpoint.
 
+Every launch of a kernel runs one compiled variant: the host pads the row stride of the
+working vectors to a multiple of 16 and panels start at multiples of 16, and the tile count is
+left unspecialised, so a new batch shape never compiles anything in the middle of a sweep.
+
 Imported lazily: Triton comes with torch's CUDA builds. With TRITON_INTERPRET=1 set before
 the first import, the same kernels run on the CPU (the tests do this).
 """
@@ -189,7 +193,7 @@ def _scratch(scratch_ptr, pid, stride, tiles, PANEL: tl.constexpr):
     return vs, ws, ahead, ahead + stride, ahead + 2 * stride, ahead + 3 * stride
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles"])
 def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, stride, tiles, s0,
                  ROWS: tl.constexpr, COLS: tl.constexpr, PANEL: tl.constexpr,
                  CHUNK: tl.constexpr):
@@ -238,7 +242,7 @@ def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, strid
                             e, ahead - PANEL, PANEL, CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles"])
 def update_trailing(a_ptr, offsets_ptr, sizes_ptr, scratch_ptr, stride, tiles, s0,
                     ROWS: tl.constexpr, COLS: tl.constexpr, PANEL: tl.constexpr):
     """After :func:`reduce_panel` at s0: the block below and right of the next panel's first

@@ -20,7 +20,7 @@ import torch
 from vtkit.data import Question
 from vtkit.progress import NullTimer, PhaseTimer
 from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokenize_prompt
-from vtkit.pruning import gather_rows, left_pad, splice_sequence
+from vtkit.pruning import gather_rows, left_pad, splice_sequence, to_device
 
 if TYPE_CHECKING:
     from vtkit.sweep import SweepConfig
@@ -188,6 +188,14 @@ class Prefill:
     tokens: int                        # prefill tokens, padding included
 
 
+def embed_texts(model, texts: list[list[int]]) -> list[torch.Tensor]:
+    """The embeddings of each token-id list, [len, D]: one copy to the device and one lookup
+    for them all, so that the host never waits for the GPU here."""
+    ids = to_device(torch.tensor([t for text in texts for t in text], dtype=torch.long),
+                    model.device)
+    return list(model.embed_tokens(ids).split([len(text) for text in texts]))
+
+
 @torch.inference_mode()
 def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
             capture: ActivationCapture | None = None) -> Prefill:
@@ -197,24 +205,23 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
     replace each image placeholder; with ``capture`` the captured tensors of those rows are kept
     at every layer of its slots.
     """
-    embed, device = model.embed_tokens, model.device
-    sequences, visual_starts = [], []
-    for j, item in enumerate(items):
-        prefix = embed(torch.tensor(item.prefix, device=device))
-        if visual is None:
-            sequences.append(prefix)
-            continue
-        suffix = embed(torch.tensor(item.suffix, device=device))
-        sequences.append(splice_sequence(prefix, visual[j], suffix))
-        visual_starts.append(len(item.prefix))
+    device = model.device
+    if visual is None:
+        sequences = embed_texts(model, [item.prefix for item in items])
+    else:
+        texts = embed_texts(model, [item.prefix for item in items] +
+                            [item.suffix for item in items])
+        sequences = [splice_sequence(prefix, v, suffix) for prefix, v, suffix in
+                     zip(texts[:len(items)], visual, texts[len(items):], strict=True)]
     embeds, mask, positions = left_pad(sequences)
     capturing = capture is not None and visual is not None
     if capturing:
         longest = embeds.shape[1]
-        starts = torch.tensor([longest - s.shape[0] + v for s, v in
-                               zip(sequences, visual_starts, strict=True)], device=device)
-        ks = torch.tensor([v.shape[0] for v in visual], device=device)
-        offsets = torch.arange(int(ks.max()), device=device)
+        starts = to_device(torch.tensor([longest - s.shape[0] + len(item.prefix) for s, item in
+                                         zip(sequences, items, strict=True)]), device)
+        lengths = [v.shape[0] for v in visual]
+        ks = to_device(torch.tensor(lengths), device)
+        offsets = torch.arange(max(lengths), device=device)
         # Past its own k a row repeats its last visual position; the hook zeroes those rows.
         capture.rows = starts[:, None] + torch.minimum(offsets[None, :], ks[:, None] - 1)
         capture.valid = offsets[None, :] < ks[:, None]

@@ -25,8 +25,8 @@ import math
 import torch
 
 from vtkit.errors import UsageError
-from vtkit.generate import Prefill, PreparedItem, decode_loop
-from vtkit.pruning import gather_rows, left_pad, splice_sequence
+from vtkit.generate import Prefill, PreparedItem, decode_loop, embed_texts
+from vtkit.pruning import gather_rows, left_pad, splice_sequence, to_device
 
 #: DART's pivots (the official LLaVA-1.5 scripts): image tokens and post-image text tokens with
 #: the largest L1 norm of their layer K-1 keys.
@@ -168,10 +168,9 @@ def _causal(valid: torch.Tensor) -> torch.Tensor:
 def _embed(model, items: list[PreparedItem], visual: list[torch.Tensor]):
     """The spliced, left-padded batch: embeddings, mask, positions, each row's image start
     (a list, so that per-row work needs no device sync)."""
-    embed, device = model.embed_tokens, model.device
-    sequences = [splice_sequence(embed(torch.tensor(it.prefix, device=device)), v,
-                                 embed(torch.tensor(it.suffix, device=device)))
-                 for it, v in zip(items, visual, strict=True)]
+    texts = embed_texts(model, [it.prefix for it in items] + [it.suffix for it in items])
+    sequences = [splice_sequence(prefix, v, suffix) for prefix, v, suffix in
+                 zip(texts[:len(items)], visual, texts[len(items):], strict=True)]
     embeds, mask, positions = left_pad(sequences)
     starts = [embeds.shape[1] - s.shape[0] + len(it.prefix)
               for s, it in zip(sequences, items, strict=True)]
@@ -187,7 +186,7 @@ def _signal_rows(runner: PrunedLM, method: str, hidden_in: torch.Tensor, hidden_
     need = [j for j, k in enumerate(ks) if k < count]
     if not need:
         return keep
-    rows = torch.tensor(need, device=device)
+    rows = to_device(torch.tensor(need), device)
     keys = cache.keys[layer][rows]
     if method == "fastv":
         attention = runner.layers[layer].self_attn
@@ -248,8 +247,8 @@ def _image_rows(keep: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     k_max = max(int(c.shape[0]) for c in keep)
     index = torch.stack([torch.cat([c, c[-1:].expand(k_max - c.shape[0])]) for c in keep])
     device = keep[0].device
-    valid = torch.arange(k_max, device=device)[None] < torch.tensor(
-        [c.shape[0] for c in keep], device=device)[:, None]
+    valid = torch.arange(k_max, device=device)[None] < to_device(
+        torch.tensor([c.shape[0] for c in keep]), device)[:, None]
     return index, valid
 
 
@@ -265,7 +264,7 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor], ks: li
     embeds, valid, positions, starts = _embed(model, items, visual)
     cache = LayerCache(len(runner.layers))
     if capture is not None:     # all image rows until the kept ones are known
-        capture.rows = torch.tensor(starts, device=model.device)[:, None] + torch.arange(
+        capture.rows = to_device(torch.tensor(starts), model.device)[:, None] + torch.arange(
             count, device=model.device)[None]
         capture.valid, capture.captured = torch.ones_like(capture.rows, dtype=torch.bool), {}
     try:

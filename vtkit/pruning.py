@@ -117,6 +117,15 @@ def splice_sequence(prefix: torch.Tensor, visual: torch.Tensor,
     return torch.cat([prefix, visual.to(prefix.dtype), suffix], dim=0)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``, through pinned memory on CUDA so that the copy does
+    not wait for the kernels already queued (a copy from pageable memory waits for them all,
+    and the host then runs behind the GPU instead of ahead of it)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def left_pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad embedded sequences [L_i, D] into a batch.
 

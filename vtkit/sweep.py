@@ -87,6 +87,7 @@ from vtkit.pruning import (
     gram_matrices,
     random_scores,
     spectra_from_gram,
+    to_device,
     top_k_raster,
 )
 from vtkit.scoring import score_predictions
@@ -939,13 +940,20 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
 
 def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None) -> _HostSpectra:
     """Singular values of each slot's captured rows, computed where the rows are (the Triton
-    kernels of :mod:`vtkit.eigen`, all the batch's slots and k groups in one pair of launches
-    per chunk), then copied to host memory without stalling the GPU."""
+    kernels of :mod:`vtkit.eigen`, all the batch's slots and k groups in one launch of each
+    kernel per chunk and panel), then copied to host memory without stalling the GPU."""
     groups, index = _group_index(captured, ks)
-    keys = [(capture, layer, k) for capture, layer in captured for k in index]
-    values = eigen.gram_spectra([captured[capture, layer][index[k], :k]
-                                 for capture, layer, k in keys])
-    spectra = dict(zip(keys, values, strict=True))
+    # One block per k of every slot of one row width and dtype, stacked: a batch's Gram
+    # matrices then take a few large matrix products rather than one small one per slot.
+    alike: dict[tuple, list] = {}
+    for slot, rows in captured.items():
+        alike.setdefault((rows.shape[2], rows.dtype), []).append(slot)
+    stacks = [(slots, k) for slots in alike.values() for k in index]
+    values = eigen.gram_spectra([torch.stack([captured[slot][index[k], :k] for slot in slots])
+                                 .flatten(0, 1) for slots, k in stacks])
+    parts = {(*slot, k): part for (slots, k), v in zip(stacks, values, strict=True)
+             for slot, part in zip(slots, v.unflatten(0, (len(slots), -1)), strict=True)}
+    spectra = {(*slot, k): parts[(*slot, k)] for slot in captured for k in index}
     if not spectra or values[0].device.type != "cuda" or pinned is None:
         return _HostSpectra({key: v.cpu() for key, v in spectra.items()}, groups)
     host, ready, buffer = _copy_to_pinned(spectra, pinned)
@@ -954,11 +962,10 @@ def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None
 
 def _group_index(captured: dict, ks: list[int]) -> tuple[dict, dict]:
     """A batch's k groups (k -> the rows' positions) and, for each non-zero k, those positions
-    as one index tensor on the captures' device: one per k, not per (slot, k), since each copy
-    from host memory waits for the GPU."""
+    as one index tensor on the captures' device: one per k, not per (slot, k)."""
     groups = _k_groups(ks)
     device = next(iter(captured.values())).device
-    return groups, {k: eigen.to_device(torch.tensor(members), device)
+    return groups, {k: to_device(torch.tensor(members), device)
                     for k, members in groups.items() if k}
 
 
@@ -986,7 +993,7 @@ def _select(model, config: SweepConfig, chunk: _Chunk, rows: list[int],
     visual: list[torch.Tensor | None] = [None] * len(rows)
     for k in sorted(set(ks)):
         members = [j for j, kk in enumerate(ks) if kk == k]
-        index = torch.tensor([rows[j] for j in members], device=model.device)
+        index = to_device(torch.tensor([rows[j] for j in members]), model.device)
         for j, block in zip(members, _visual_rows(model, config, chunk, index, k), strict=True):
             visual[j] = block
     return visual
