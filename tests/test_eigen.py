@@ -74,6 +74,27 @@ def test_eigenvalues_of_mixed_sizes_match_lapack(tile, monkeypatch):
         assert (values[i, n:] == 0).all()
 
 
+def test_gram_spectra_leave_the_host_ahead_of_the_gpu():
+    """Nothing in the device path waits for the GPU: one host value copied from pageable
+    memory made the host wait for a whole reduction per chunk, and the GPU then idled behind
+    every later launch (docs/performance.md, "Where the host waited")."""
+    if DEVICE.type != "cuda":
+        pytest.skip("torch's sync debug mode watches CUDA streams")
+    assert eigen.kernel_problem(DEVICE) is None          # compiles the kernels first
+    blocks = [torch.randn(3, 40, 64, dtype=torch.bfloat16, device=DEVICE),
+              torch.randn(2, 17, 64, dtype=torch.bfloat16, device=DEVICE)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        spectra = gram_spectra(blocks)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for block, got in zip(blocks, spectra, strict=True):
+        expected = torch.linalg.svdvals(block.cpu().double())
+        torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-6,
+                                   atol=1e-7 * float(expected.max()))
+
+
 def test_zero_matrix_has_zero_eigenvalues():
     values = end_to_end([torch.zeros(4, 4, dtype=torch.float64)])
     assert values.abs().max() < 1e-300

@@ -221,7 +221,9 @@ def _prune(hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
     kept = valid.clone()
     for j, (start, chosen) in enumerate(zip(starts, keep, strict=True)):
         kept[j, start:start + count] = False
-        kept[j, start + chosen] = True
+        # index_fill_ takes True as a kernel argument; kept[j, start + chosen] = True would
+        # copy it to the device from pageable memory, waiting for the GPU on every row.
+        kept[j].index_fill_(0, start + chosen, True)
     lengths = kept.sum(-1)
     longest = int(lengths.max())
     order = torch.arange(length, device=kept.device)

@@ -60,7 +60,9 @@ def divprune_order(projected: torch.Tensor) -> torch.Tensor:
     for step in range(num):
         order[:, step] = pick
         closest = torch.minimum(closest, distance[rows, pick])
-        closest[rows, pick] = -math.inf
+        # scatter_ takes the value as a kernel argument; indexed assignment of a Python float
+        # would copy it to the device from pageable memory and wait for the GPU, every step.
+        closest.scatter_(1, pick[:, None], -math.inf)
         pick = closest.argmax(dim=-1)
     return order
 
