@@ -951,9 +951,8 @@ def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None
     stacks = [(slots, k) for slots in alike.values() for k in index]
     values = eigen.gram_spectra([torch.stack([captured[slot][index[k], :k] for slot in slots])
                                  .flatten(0, 1) for slots, k in stacks])
-    parts = {(*slot, k): part for (slots, k), v in zip(stacks, values, strict=True)
-             for slot, part in zip(slots, v.unflatten(0, (len(slots), -1)), strict=True)}
-    spectra = {(*slot, k): parts[(*slot, k)] for slot in captured for k in index}
+    spectra = {(*slot, k): part for (slots, k), v in zip(stacks, values, strict=True)
+               for slot, part in zip(slots, v.unflatten(0, (len(slots), -1)), strict=True)}
     if not spectra or values[0].device.type != "cuda" or pinned is None:
         return _HostSpectra({key: v.cpu() for key, v in spectra.items()}, groups)
     host, ready, buffer = _copy_to_pinned(spectra, pinned)
