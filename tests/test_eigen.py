@@ -42,8 +42,8 @@ def end_to_end(matrices: list[torch.Tensor]) -> torch.Tensor:
 
 @pytest.mark.parametrize("tile", [
     None,
-    {"ROWS": 4, "COLS": 8, "PANEL": 4, "CHUNK": 8, "num_warps": 1},
-    {"ROWS": 8, "COLS": 4, "PANEL": 2, "CHUNK": 4, "num_warps": 1}])
+    {"ROWS": 4, "COLS": 8, "PANEL": 4, "CHUNK": 8, "WIDE": 4, "num_warps": 1},
+    {"ROWS": 8, "COLS": 4, "PANEL": 2, "CHUNK": 4, "WIDE": 8, "num_warps": 1}])
 def test_eigenvalues_of_mixed_sizes_match_lapack(tile, monkeypatch):
     """The shipped tile, and small ones: a matrix then spans several row and column tiles,
     panels and vector chunks (in the interpreter: a GPU's matrix products take no side under

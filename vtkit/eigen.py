@@ -31,15 +31,22 @@ from vtkit.pruning import gram_matrices, to_device
 
 # Bisection halvings: Gershgorin's interval, halved 56 times, is narrower than 2e-16 of itself.
 BISECTION_ITERATIONS = 56
-# Device bytes per chunk of launches: the Gram matrices and their working vectors.
-CHUNK_BYTES = 1 << 30
+# Device bytes per chunk of launches: the Gram matrices and their working vectors. A sweep
+# batch's fit in one (5.5 GiB at most for 32 layers in the 7B bench; the token budget keeps
+# room for them, generate.default_token_budget): every matrix then runs in the same launches,
+# whose time is that of the largest, not a sum over chunks (20% less time than 1 GiB chunks,
+# docs/performance.md).
+CHUNK_BYTES = 8 << 30
 # Float64 bytes of rows that one Gram matrix product reads at most (a block's rows are
 # converted a slice at a time).
 GRAM_INPUT_BYTES = 1 << 28
 # The reduction's tile (rows x columns of the lower triangle per step of a pass), its panel
-# (columns whose reflectors update the trailing block together), the lanes of its vector work,
-# and warps per program. Measured on an H200 against 9 other settings (docs/performance.md).
-TRIDIAGONAL_TILE = {"ROWS": 16, "COLS": 32, "PANEL": 16, "CHUNK": 128, "num_warps": 2}
+# (columns whose reflectors update the trailing block together), the lanes of its vector work
+# (CHUNK alone, WIDE against the panel's reflectors), and warps per program. Measured on an
+# H200 against 9 other settings, and again against 5 with whole-batch chunks
+# (docs/performance.md).
+TRIDIAGONAL_TILE = {"ROWS": 16, "COLS": 32, "PANEL": 16, "CHUNK": 128, "WIDE": 32,
+                    "num_warps": 2}
 # Widest matrix the kernels take (their scratch grows with it, and nothing wider was tested);
 # LLaVA's largest is 576.
 MAX_SIZE = 2048
@@ -105,7 +112,8 @@ def symmetric_eigenvalues(matrices: torch.Tensor, sizes: torch.Tensor, offsets: 
     d, e = (torch.zeros((count, stride), dtype=torch.float64, device=device) for _ in range(2))
     tiles = -(-width // TRIDIAGONAL_TILE["COLS"])
     panel = TRIDIAGONAL_TILE["PANEL"]
-    update_options = {key: value for key, value in TRIDIAGONAL_TILE.items() if key != "CHUNK"}
+    update_options = {key: value for key, value in TRIDIAGONAL_TILE.items()
+                      if key not in ("CHUNK", "WIDE")}
     scratch = torch.zeros((count, 2 * panel + 3 + tiles, stride),
                           dtype=torch.float64, device=device)
     # (_working_vectors counts these: d, e, the values below, and the scratch.)

@@ -15,7 +15,11 @@ once per pass and counts twice, as itself and as its mirror image.
 Matrices lie end to end in one flat buffer (``offsets``, ``sizes``), so one launch takes a
 batch's every k and layer. Vectors (the column, v, w, the parts of p) live in a scratch buffer
 and are worked on CHUNK lanes at a time, so that a program's registers go to the tiles of the
-passes and more programs fit on a multiprocessor; barriers separate the stages.
+passes and more programs fit on a multiprocessor; barriers separate the stages. Work against
+all the panel's earlier reflectors (a column's corrections, w's) reads them as one
+[PANEL, WIDE] tile per step rather than one reflector after another, and the read pass loads
+its next tile before working on the current one: each program is bound by the latency of its
+loads, so the fewer loads it waits for in a row, the faster.
 
 ``bisect``: eigenvalues of the tridiagonal matrices by bisection on Sturm counts (LAPACK's
 dlaebz count, with its pivmin guard): each lane owns one eigenvalue index i and halves its
@@ -62,44 +66,63 @@ def _column_tile(block, n, size, c, v_ptr, parts, mirrored_part, stride, update_
         at_cols = panel[:, None] * stride + cols[None, :]
         wc = tl.load(update_w + at_cols, mask=live_cols[None, :], other=0.0)
         uc = tl.load(update_v + at_cols, mask=live_cols[None, :], other=0.0)
+    # Each step loads the next row tile before working on the one loaded before it, so that
+    # a program always has a tile in flight (the pass is bound by the loads' latency).
+    rows = c + tile_rows
+    inside = rows < size
+    lower = inside[:, None] & live_cols[None, :] & (cols[None, :] <= rows[:, None])
+    tile = tl.load(block + rows[:, None] * n + cols[None, :], mask=lower, other=0.0)
+    vr = tl.load(v_ptr + rows, mask=inside, other=0.0)
     for r in range(c, size, ROWS):
         rows = r + tile_rows
         inside = rows < size
         lower = inside[:, None] & live_cols[None, :] & (cols[None, :] <= rows[:, None])
-        at = block + rows[:, None] * n + cols[None, :]
-        tile = tl.load(at, mask=lower, other=0.0)
+        ahead = rows + ROWS
+        ahead_inside = ahead < size
+        ahead_lower = (ahead_inside[:, None] & live_cols[None, :] &
+                       (cols[None, :] <= ahead[:, None]))
+        next_tile = tl.load(block + ahead[:, None] * n + cols[None, :], mask=ahead_lower,
+                            other=0.0)
+        next_vr = tl.load(v_ptr + ahead, mask=ahead_inside, other=0.0)
         if UPDATE:
             at_rows = rows[:, None] + panel[None, :] * stride
             ur = tl.load(update_v + at_rows, mask=inside[:, None], other=0.0)
             wr = tl.load(update_w + at_rows, mask=inside[:, None], other=0.0)
             tile = tile - 2.0 * (tl.dot(ur, wc) + tl.dot(wr, uc))
             tile = tl.where(lower, tile, 0.0)
-            tl.store(at, tile, mask=lower)
-        vr = tl.load(v_ptr + rows, mask=inside, other=0.0)
+            tl.store(block + rows[:, None] * n + cols[None, :], tile, mask=lower)
         tl.store(parts + (c // COLS) * stride + rows, tl.sum(tile * vc[None, :], axis=1),
                  mask=inside)
         mirrored += tl.where(cols[None, :] < rows[:, None], tile, 0.0) * vr[:, None]
+        tile = next_tile
+        vr = next_vr
     tl.store(mirrored_part + cols, tl.sum(mirrored, axis=0), mask=live_cols)
 
 
 @triton.jit
-def _column(block, n, j, m, vs, ws, stride, count, out, CHUNK: tl.constexpr):
+def _column(block, n, j, m, vs, ws, stride, count, out, PANEL: tl.constexpr,
+            WIDE: tl.constexpr):
     """Column j (rows j..m-1) of the block after the panel's first ``count`` reflectors, the
     stored column minus 2 sum_i (v_i w_i[j] + w_i v_i[j]), into ``out`` (zeros above row j).
-    Returns its entries j and j + 1 and the sum of squares of those below j + 1."""
-    lanes = tl.arange(0, CHUNK)
+    Returns its entries j and j + 1 and the sum of squares of those below j + 1. The
+    reflectors are read as one [PANEL, WIDE] tile per step, not one after another."""
+    lanes = tl.arange(0, WIDE)
+    panel = tl.arange(0, PANEL)
+    earlier = panel < count
+    wj = tl.load(ws + panel * stride + j, mask=earlier, other=0.0)
+    vj = tl.load(vs + panel * stride + j, mask=earlier, other=0.0)
     diagonal = _zero()
     below = _zero()
     rest = _zero()
-    for c in range(0, m, CHUNK):
+    for c in range(0, m, WIDE):
         at = c + lanes
         live = (at >= j) & (at < m)
         column = tl.load(block + at * n + j, mask=live, other=0.0)
-        for i in range(0, count):
-            vi = tl.load(vs + i * stride + at, mask=live, other=0.0)
-            wi = tl.load(ws + i * stride + at, mask=live, other=0.0)
-            column -= 2.0 * (vi * tl.load(ws + i * stride + j) +
-                             wi * tl.load(vs + i * stride + j))
+        both = earlier[:, None] & live[None, :]
+        at_panel = panel[:, None] * stride + at[None, :]
+        vi = tl.load(vs + at_panel, mask=both, other=0.0)
+        wi = tl.load(ws + at_panel, mask=both, other=0.0)
+        column -= 2.0 * tl.sum(vi * wj[:, None] + wi * vj[:, None], axis=0)
         column = tl.where(live, column, 0.0)
         tl.store(out + at, column, mask=at < m)
         diagonal += tl.sum(tl.where(at == j, column, 0.0), axis=0)
@@ -110,11 +133,11 @@ def _column(block, n, j, m, vs, ws, stride, count, out, CHUNK: tl.constexpr):
 
 @triton.jit
 def _next_reflector(block, n, j, m, s, vs, ws, stride, count, work, d, e, v_out, start,
-                    CHUNK: tl.constexpr):
+                    PANEL: tl.constexpr, CHUNK: tl.constexpr, WIDE: tl.constexpr):
     """Column j of the block (the n x n matrix's column s): d[s], e[s], and into
     ``v_out`` (rows start..m-1) the reflector that zeroes the column below row j + 1. It is
     zero for the last two columns, which need none."""
-    diagonal, below, rest = _column(block, n, j, m, vs, ws, stride, count, work, CHUNK)
+    diagonal, below, rest = _column(block, n, j, m, vs, ws, stride, count, work, PANEL, WIDE)
     tl.store(d + s, diagonal)
     # x = column[j + 1:]; (I - 2 v v^T) x = alpha e_0 with |v| = 1, alpha of the sign
     # opposite to x[0] so that v[0] does not cancel (LAPACK's dlarfg); v = 0 when x = 0.
@@ -138,43 +161,49 @@ def _next_reflector(block, n, j, m, s, vs, ws, stride, count, work, d, e, v_out,
 
 @triton.jit
 def _panel_w(j, m, vs, ws, stride, parts, mirrored_part, tiles, COLS: tl.constexpr,
-             CHUNK: tl.constexpr):
+             PANEL: tl.constexpr, WIDE: tl.constexpr):
     """w_j = p - (v.p) v, where p = A_j v_j: the pass's parts (they start at row j + 1) minus
-    2 sum_{i<j} (v_i (w_i.v) + w_i (v_i.v)). Built in place in row j of W."""
-    lanes = tl.arange(0, CHUNK)
+    2 sum_{i<j} (v_i (w_i.v) + w_i (v_i.v)). Built in place in row j of W, in three passes
+    over the rows, each reading the parts and the earlier reflectors as [PANEL, WIDE] tiles."""
+    lanes = tl.arange(0, WIDE)
+    panel = tl.arange(0, PANEL)
+    earlier = panel < j
     v_ptr = vs + j * stride
     w_ptr = ws + j * stride
-    for c in range(0, m, CHUNK):
-        at = c + lanes
-        local = at - j - 1
-        live = (local >= 0) & (at < m)
-        p = tl.load(mirrored_part + local, mask=live, other=0.0)
-        for t in range(0, tiles):
-            p += tl.load(parts + t * stride + local, mask=live & (t <= local // COLS), other=0.0)
-        tl.store(w_ptr + at, p, mask=at < m)
-    for i in range(0, j):
-        wv = _zero()
-        vv = _zero()
-        for c in range(0, m, CHUNK):
-            at = c + lanes
-            live = at < m
-            v = tl.load(v_ptr + at, mask=live, other=0.0)
-            wv += tl.sum(tl.load(ws + i * stride + at, mask=live, other=0.0) * v, axis=0)
-            vv += tl.sum(tl.load(vs + i * stride + at, mask=live, other=0.0) * v, axis=0)
-        for c in range(0, m, CHUNK):
-            at = c + lanes
-            live = at < m
-            p = tl.load(w_ptr + at, mask=live, other=0.0)
-            p -= 2.0 * (tl.load(vs + i * stride + at, mask=live, other=0.0) * wv +
-                        tl.load(ws + i * stride + at, mask=live, other=0.0) * vv)
-            tl.store(w_ptr + at, p, mask=live)
-    vp = _zero()
-    for c in range(0, m, CHUNK):
+    # p, and the dot products of the earlier reflectors with v.
+    wv = tl.zeros([PANEL], tl.float64)
+    vv = tl.zeros([PANEL], tl.float64)
+    for c in range(0, m, WIDE):
         at = c + lanes
         live = at < m
-        vp += tl.sum(tl.load(v_ptr + at, mask=live, other=0.0) *
-                     tl.load(w_ptr + at, mask=live, other=0.0), axis=0)
-    for c in range(0, m, CHUNK):
+        local = at - j - 1
+        inside = (local >= 0) & live
+        p = tl.load(mirrored_part + local, mask=inside, other=0.0)
+        for t0 in range(0, tiles, PANEL):
+            t = t0 + panel
+            own = (t < tiles)[:, None] & inside[None, :] & (t[:, None] <= local[None, :] // COLS)
+            p += tl.sum(tl.load(parts + t[:, None] * stride + local[None, :], mask=own,
+                                other=0.0), axis=0)
+        tl.store(w_ptr + at, p, mask=live)
+        v = tl.load(v_ptr + at, mask=live, other=0.0)
+        both = earlier[:, None] & live[None, :]
+        at_panel = panel[:, None] * stride + at[None, :]
+        wv += tl.sum(tl.load(ws + at_panel, mask=both, other=0.0) * v[None, :], axis=1)
+        vv += tl.sum(tl.load(vs + at_panel, mask=both, other=0.0) * v[None, :], axis=1)
+    tl.debug_barrier()
+    vp = _zero()
+    for c in range(0, m, WIDE):
+        at = c + lanes
+        live = at < m
+        both = earlier[:, None] & live[None, :]
+        at_panel = panel[:, None] * stride + at[None, :]
+        p = tl.load(w_ptr + at, mask=live, other=0.0)
+        p -= 2.0 * tl.sum(tl.load(vs + at_panel, mask=both, other=0.0) * wv[:, None] +
+                          tl.load(ws + at_panel, mask=both, other=0.0) * vv[:, None], axis=0)
+        tl.store(w_ptr + at, p, mask=live)
+        vp += tl.sum(tl.load(v_ptr + at, mask=live, other=0.0) * p, axis=0)
+    tl.debug_barrier()
+    for c in range(0, m, WIDE):
         at = c + lanes
         live = at < m
         w = tl.load(w_ptr + at, mask=live, other=0.0) - vp * tl.load(v_ptr + at, mask=live,
@@ -196,7 +225,7 @@ def _scratch(scratch_ptr, pid, stride, tiles, PANEL: tl.constexpr):
 @triton.jit(do_not_specialize=["tiles"])
 def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, stride, tiles, s0,
                  ROWS: tl.constexpr, COLS: tl.constexpr, PANEL: tl.constexpr,
-                 CHUNK: tl.constexpr):
+                 CHUNK: tl.constexpr, WIDE: tl.constexpr):
     """The panel of columns s0 .. s0 + PANEL - 1 of each matrix (one program per matrix):
     its reflectors V, W, its part of d and e, and the next panel's first reflector. The block
     at (s0, s0) stays as it was at the panel's start; :func:`update_trailing` updates it."""
@@ -220,7 +249,7 @@ def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, strid
                              mask=at < m)
             else:
                 _next_reflector(block, n, j, m, s, vs, ws, stride, j, work, d, e,
-                                vs + j * stride, 0, CHUNK)
+                                vs + j * stride, 0, PANEL, CHUNK, WIDE)
             tl.debug_barrier()
             if (s < n - 2) & ((j > 0) | (s0 == 0)):
                 for c in range(0, m - j - 1, COLS):
@@ -229,7 +258,7 @@ def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, strid
                                  False, PANEL, ROWS, COLS)
                 tl.debug_barrier()
             if s < n - 2:
-                _panel_w(j, m, vs, ws, stride, parts, mirrored_part, tiles, COLS, CHUNK)
+                _panel_w(j, m, vs, ws, stride, parts, mirrored_part, tiles, COLS, PANEL, WIDE)
             else:
                 for c in range(0, m, CHUNK):
                     at = c + lanes
@@ -239,7 +268,7 @@ def reduce_panel(a_ptr, offsets_ptr, sizes_ptr, d_ptr, e_ptr, scratch_ptr, strid
             # The next panel's first column and reflector, in its coordinates (PANEL rows
             # down): the trailing update multiplies by it.
             _next_reflector(block, n, PANEL, m, s0 + PANEL, vs, ws, stride, PANEL, work, d,
-                            e, ahead - PANEL, PANEL, CHUNK)
+                            e, ahead - PANEL, PANEL, PANEL, CHUNK, WIDE)
 
 
 @triton.jit(do_not_specialize=["tiles"])
