@@ -47,6 +47,12 @@ def test_bench_runs_the_real_path_on_the_tiny_shape(tmp_path):
     assert saved["useful_tokens"] == result["useful_tokens"] > 0
     assert 0 < result["mfu"] <= 1.0
     assert result["padded_tokens"] >= result["useful_tokens"]
+    # The system prompt ran once per batch of more than one row: the forwards computed fewer
+    # tokens than the padded batches hold, by that count.
+    assert result["share_prefix"] and result["shared_prefix_tokens"] > 0
+    assert result["computed_tokens"] == result["padded_tokens"] - result["shared_prefix_tokens"]
+    assert result["computed_mfu"] < result["mfu"] * result["padded_tokens"] / result[
+        "useful_tokens"]
     assert {"prefill", "decode", "spectra", "select", "load", "drain"} <= set(
         result["phase_seconds"])
     assert result["projected_full_sweep_seconds"] > result["flop_floor_seconds"] > 0
@@ -99,10 +105,11 @@ def test_kernels_are_sorted_into_kinds_by_name(name, kind):
 
 def test_profile_covers_the_batches_after_the_warm_up(tmp_path):
     reporter = RecordingReporter()
-    # 4 questions x 2 k in batches of 2: 4 batches; the 2nd and 3rd are profiled.
+    # 4 questions x 2 k in batches of at most 2; the 2nd and 3rd are profiled. Without the
+    # shared prefix each prefill is one forward, whatever the batch's rows.
     result = run_bench(BenchConfig(shape="tiny", questions=4, tokens=[576, 20], device="cpu",
                                    batch_size=2, seed_questions=1, profile=True,
-                                   output_dir=tmp_path), reporter)
+                                   share_prefix=False, output_dir=tmp_path), reporter)
     profile = json.loads((tmp_path / "profile.json").read_text())
     assert profile["batches"] == 2 and profile["warmup_batches"] == 1
     assert list(profile["kinds"]) == list(KINDS)

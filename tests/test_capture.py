@@ -24,7 +24,14 @@ from vtkit.data import select_questions
 from vtkit.defaults import CAPTURES
 from vtkit.demo import DEMO_MODEL_DIR
 from vtkit.errors import UsageError
-from vtkit.generate import ActivationCapture, prepare_items
+from vtkit.generate import (
+    ActivationCapture,
+    PreparedItem,
+    decode,
+    prefill,
+    prepare_items,
+    shared_prefix,
+)
 from vtkit.sweep import SweepConfig, resolve_layers
 
 N = 6
@@ -164,6 +171,52 @@ def test_every_stored_spectrum_is_svdvals_of_the_captured_rows(
             kept = f[cache.attention_dataset(capture, num_layers - 1, k)][:]
             np.testing.assert_allclose(kept[0], ref[image_ids[0]][-1].numpy(), rtol=2e-3,
                                        atol=2e-3 * float(np.abs(kept[0]).max()))
+
+
+def test_a_shared_prefix_gives_each_row_what_it_gets_alone(demo_model, demo_scienceqa):
+    """The batch's common prompt prefix runs once and its keys and values go to every row's
+    cache: logits, captured rows and decoded answers agree with the batch run whole and with
+    each row alone."""
+    model = demo_model
+    config = SweepConfig(model_path="", base_dir=demo_scienceqa, tokens=TOKENS,
+                         max_new_tokens=4)
+    selection = select_questions(demo_scienceqa, num_samples=4 * N)
+    items = [it for it in prepare_items(selection.questions, model.tokenizer, config)
+             if it.question.has_image][:4]
+    assert len(items) == 4
+    ks = [5, 17, 17, 9]
+    g = torch.Generator().manual_seed(0)
+    visual = [torch.randn(k, model.hidden_size, generator=g) for k in ks]
+    common = shared_prefix(items)
+    assert common == len(items[0].prefix) > 0     # the system prompt and "USER:"
+    capture = ActivationCapture(model, ("attn_out", "hidden"), [0, model.num_layers - 1])
+    try:
+        shared = prefill(model, items, visual, capture, share_prefix=True)
+        whole = prefill(model, items, visual, capture, share_prefix=False)
+        alone = [prefill(model, [it], [v], capture, share_prefix=True)
+                 for it, v in zip(items, visual, strict=True)]
+    finally:
+        capture.close()
+    assert shared.reused == 3 * common and whole.reused == 0 and alone[0].reused == 0
+    assert shared.tokens == whole.tokens and shared.mask.shape == whole.mask.shape
+    torch.testing.assert_close(shared.logits, whole.logits, atol=1e-4, rtol=1e-4)
+    for j, k in enumerate(ks):
+        torch.testing.assert_close(shared.logits[j], alone[j].logits[0], atol=1e-4, rtol=1e-4)
+        for slot, rows in shared.captured.items():
+            torch.testing.assert_close(rows[j, :k], alone[j].captured[slot][0, :k], atol=1e-4,
+                                       rtol=1e-4, msg=f"{slot} row {j}")
+    assert decode(model, items, shared, config, ks) == decode(model, items, whole, config, ks)
+
+
+def test_the_shared_prefix_leaves_every_row_a_token_of_its_own():
+    def item(prefix, suffix=()):
+        return PreparedItem(0, None, "", list(prefix), list(suffix))
+
+    assert shared_prefix([item([1, 2, 3, 4], [9]), item([1, 2, 5], [9])]) == 2
+    assert shared_prefix([item([1, 2, 3], [9]), item([1, 2, 3], [8])]) == 3
+    # Text-only rows are all prefix: identical prompts still keep their last token.
+    assert shared_prefix([item([1, 2, 3]), item([1, 2, 3])]) == 2
+    assert shared_prefix([item([7, 2]), item([1, 2])]) == 0
 
 
 def test_several_captures_and_layers_in_one_prefill(demo_scienceqa, features_dir, tmp_path):

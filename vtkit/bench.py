@@ -62,6 +62,7 @@ class BenchConfig:
     token_budget: int | None = None
     max_new_tokens: int = DEFAULT_BENCH_MAX_NEW_TOKENS
     compile: bool = False
+    share_prefix: bool = True
     layers: str = DEFAULT_LAYERS          # --layers of the measured sweep (all: every layer)
     eigensolver: str = DEFAULT_EIGENSOLVER   # --eigensolver of the measured sweep
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
@@ -240,7 +241,8 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     selection = select_questions(data_dir)
     items = prepare_items(selection.questions, model.tokenizer, sweep_config)
     flop_per_token = 2 * result["lm_parameters"]
-    result.update(throughput(config, run, timer.totals(), items, flop_per_token, peak))
+    result.update(throughput(config, run, timer.totals(), items, flop_per_token, peak,
+                             timer.counts()))
     baseline = plain_forward(model, *PLAIN_FORWARD_SHAPE[model.device.type == "cuda"],
                              repeats=5)
     baseline["mfu"] = baseline["tokens_per_s"] * flop_per_token / peak
@@ -325,7 +327,8 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
     sweep_config = SweepConfig(**common, tokens=list(config.tokens), keep_attention=0,
                                max_new_tokens=config.max_new_tokens,
                                batch_size=config.batch_size, token_budget=config.token_budget,
-                               compile=config.compile, layers=config.layers,
+                               compile=config.compile, share_prefix=config.share_prefix,
+                               layers=config.layers,
                                eigensolver=config.eigensolver,
                                captures=list(config.captures))
     timer = (BatchProfiler(model.device, config.profile_batches) if config.profile
@@ -336,9 +339,13 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
 
 
 def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float], items,
-               flop_per_token: int, peak: float) -> dict:
+               flop_per_token: int, peak: float, counts: dict | None = None) -> dict:
     """Images/s of extract; tokens/s, MFU, padding, phase shares and peak memory of the sweep;
-    the full sweep's projected time against its FLOP floor."""
+    the full sweep's projected time against its FLOP floor.
+
+    MFU counts the useful tokens, the work of one question at a time; with a shared prefix
+    the forwards compute fewer (``computed_tokens``: padding added, the rows' copies of the
+    prefix taken away), and ``computed_mfu`` is the share of peak those achieve."""
     sweep_seconds = run.seconds["sweep"]
     real_tokens = sum(it.text_length + k for it in items for k in config.tokens)
     tokens_per_s = real_tokens / sweep_seconds
@@ -347,13 +354,18 @@ def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float
     floor = full_tokens * flop_per_token / peak
     phase_total = sum(phases.values()) or 1.0
     peak_memory = run.peak_memory.get("sweep")
+    shared = (counts or {}).get("shared prefix tokens", 0)
+    computed = run.swept.prefill_tokens - shared
     return {
         "vision_images_per_s": run.extracted.num_images / run.seconds["extract"],
         "sweep_seconds": sweep_seconds, "useful_tokens": real_tokens,
         "padded_tokens": run.swept.prefill_tokens,
         "padding_overhead": run.swept.prefill_tokens / real_tokens - 1.0,
+        "share_prefix": config.share_prefix, "shared_prefix_tokens": shared,
+        "shared_prefix_share": shared / real_tokens, "computed_tokens": computed,
         "prefill_tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flop_per_token / peak,
+        "computed_mfu": computed / sweep_seconds * flop_per_token / peak,
         "phase_seconds": phases,
         "decode_share": phases.get("decode", 0.0) / phase_total,
         "capture_svd_share": phases.get("spectra", 0.0) / phase_total,
@@ -401,6 +413,9 @@ def report_bench(result: dict, reporter: Reporter) -> None:
         [f"capture + SVD share (layers {result['layers']}, eigenvalues by "
          f"{result['eigensolver']})", f"{100 * result['capture_svd_share']:.1f}%"],
         ["padding overhead", f"{100 * result['padding_overhead']:.1f}%"],
+        ["shared prefix (tokens run once per batch, not per row)",
+         f"{100 * result['shared_prefix_share']:.1f}%" if result["share_prefix"] else "off"],
+        ["MFU of the tokens computed", f"{100 * result['computed_mfu']:.1f}%"],
         ["peak GPU memory (GB)", result["peak_gpu_memory_gb"] or "-"],
         ["projected full sweep (s)", result["projected_full_sweep_seconds"]],
         ["FLOP floor (s)", result["flop_floor_seconds"]],

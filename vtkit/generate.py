@@ -186,6 +186,7 @@ class Prefill:
     positions: torch.Tensor            # [B, L]
     captured: dict                     # (capture, layer) -> [B, k_max, D]; {} without capture
     tokens: int                        # prefill tokens, padding included
+    reused: int = 0                    # of those, run once for every row (a shared prefix)
 
 
 def embed_texts(model, texts: list[list[int]]) -> list[torch.Tensor]:
@@ -196,14 +197,29 @@ def embed_texts(model, texts: list[list[int]]) -> list[torch.Tensor]:
     return list(model.embed_tokens(ids).split([len(text) for text in texts]))
 
 
+def shared_prefix(items: list[PreparedItem]) -> int:
+    """How many leading prompt tokens every row of a batch has in common (the system prompt
+    and ``USER:`` of the conversation template, at least), leaving each row a token of its own
+    (a text-only row's prompt is all prefix)."""
+    first = items[0].prefix
+    common = min(len(item.prefix) - (0 if item.suffix else 1) for item in items)
+    for item in items[1:]:
+        common = next((i for i, (a, b) in enumerate(zip(first[:common], item.prefix[:common],
+                                                        strict=True)) if a != b), common)
+    return common
+
+
 @torch.inference_mode()
 def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
-            capture: ActivationCapture | None = None) -> Prefill:
+            capture: ActivationCapture | None = None, share_prefix: bool = False) -> Prefill:
     """Embed, splice and left-pad a batch, run the language model once over it.
 
     With ``visual`` (one [k_i, D] tensor per item; k may differ between items) the kept rows
     replace each image placeholder; with ``capture`` the captured tensors of those rows are kept
-    at every layer of its slots.
+    at every layer of its slots. With ``share_prefix`` (and more than one row) the tokens every
+    row begins with (:func:`shared_prefix`) run once, and their keys and values are copied into
+    every row's cache before the rest of the batch runs: the same attention, position by
+    position, as a row alone would have.
     """
     device = model.device
     if visual is None:
@@ -213,12 +229,26 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
                             [item.suffix for item in items])
         sequences = [splice_sequence(prefix, v, suffix) for prefix, v, suffix in
                      zip(texts[:len(items)], visual, texts[len(items):], strict=True)]
+    shared = shared_prefix(items) if share_prefix and len(items) > 1 else 0
+    past = model.new_cache()
+    if shared:
+        # The capture's rows are not set yet: its hooks keep nothing of this forward.
+        head = sequences[0][:shared][None]
+        model.run_decoder(head, torch.ones((1, shared), dtype=torch.long, device=device),
+                          torch.arange(shared, device=device)[None], past)
+        past.batch_repeat_interleave(len(items))
+        sequences = [s[shared:] for s in sequences]
     embeds, mask, positions = left_pad(sequences)
+    if shared:
+        mask = torch.cat([mask.new_ones((len(items), shared)), mask], dim=1)
+        positions = torch.cat([torch.arange(shared, device=device).expand(len(items), -1),
+                               positions + shared], dim=1)
     capturing = capture is not None and visual is not None
     if capturing:
         longest = embeds.shape[1]
-        starts = to_device(torch.tensor([longest - s.shape[0] + len(item.prefix) for s, item in
-                                         zip(sequences, items, strict=True)]), device)
+        starts = to_device(torch.tensor([longest - s.shape[0] + len(item.prefix) - shared
+                                         for s, item in zip(sequences, items, strict=True)]),
+                           device)
         lengths = [v.shape[0] for v in visual]
         ks = to_device(torch.tensor(lengths), device)
         offsets = torch.arange(max(lengths), device=device)
@@ -226,15 +256,15 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
         capture.rows = starts[:, None] + torch.minimum(offsets[None, :], ks[:, None] - 1)
         capture.valid = offsets[None, :] < ks[:, None]
         capture.captured = {}
-    past = model.new_cache()
     try:
-        hidden = model.run_decoder(embeds, mask, positions, past)
+        hidden = model.run_decoder(embeds, mask, positions[:, shared:], past)
     finally:
         if capture is not None:
             capture.rows = None
     captured = dict(capture.captured) if capturing else {}
     logits = model.lm_head(hidden[:, -1])
-    return Prefill(logits, past, mask, positions, captured, int(embeds.shape[0] * embeds.shape[1]))
+    return Prefill(logits, past, mask, positions, captured, int(mask.numel()),
+                   (len(items) - 1) * shared)
 
 
 @torch.inference_mode()
@@ -304,7 +334,8 @@ def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | Non
     """Prefill and decode one batch: (answers, captured rows, prefill tokens)."""
     timer = timer or NullTimer()
     with timer.phase("prefill"):
-        state = prefill(model, items, visual, capture)
+        state = prefill(model, items, visual, capture, config.share_prefix)
+    timer.count("shared prefix tokens", state.reused)
     with timer.phase("decode"):
         answers = decode(model, items, state, config, ks)
     return answers, state.captured, state.tokens

@@ -87,6 +87,14 @@ class PhaseTimer:
         self._torch = torch
         self._events: dict[str, list] = {}
         self._seconds: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def count(self, name: str, n: int) -> None:
+        """Add ``n`` to the counter ``name`` (e.g. prefill tokens a shared prefix saved)."""
+        self._counts[name] = self._counts.get(name, 0) + n
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -122,7 +130,13 @@ class NullTimer:
     def phase(self, name: str) -> Iterator[None]:
         yield
 
+    def count(self, name: str, n: int) -> None:
+        pass
+
     def totals(self) -> dict[str, float]:
+        return {}
+
+    def counts(self) -> dict[str, int]:
         return {}
 
 

@@ -123,6 +123,7 @@ class SweepConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int | None = None     # questions per forward; None: by token budget
     token_budget: int | None = None   # prefill tokens per forward; None: from free memory
+    share_prefix: bool = True         # a batch's common prompt prefix runs once, not per row
     keep_attention: int = DEFAULT_KEEP_ATTENTION
     layers: str = DEFAULT_LAYERS      # --layers as given; resolved by :func:`resolve_layers`
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])

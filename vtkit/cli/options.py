@@ -142,6 +142,10 @@ EigensolverOpt = Annotated[Eigensolver, typer.Option(
          f"{', '.join(EIGENSOLVERS)} (auto: Triton kernels on the GPU in CUDA runs, LAPACK on "
          f"CPU threads otherwise; the values agree to 1e-8 of the largest).")]
 ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llava-1.5-7b.")]
+SharePrefixOpt = Annotated[bool, typer.Option(
+    "--share-prefix/--no-share-prefix",
+    help="Run the prompt tokens every row of a batch begins with (the system prompt) once per "
+         "batch and copy their keys and values to each row, instead of once per row.")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the decoder's MLP and norms for prefill throughput (the "
                       "first batches compile).")]

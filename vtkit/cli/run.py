@@ -32,6 +32,7 @@ from vtkit.cli.options import (
     ScorerOpt,
     SeedOpt,
     SeedsOpt,
+    SharePrefixOpt,
     SinglePredPromptOpt,
     SplitOpt,
     StepOpt,
@@ -99,6 +100,7 @@ def run(
     eigensolver: EigensolverOpt = DEFAULT_EIGENSOLVER,
     capture: CaptureOpt = DEFAULT_CAPTURE,
     compile_decoder: CompileOpt = False,
+    share_prefix: SharePrefixOpt = True,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     dtype: DtypeOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
@@ -137,7 +139,7 @@ def run(
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
         token_budget=token_budget, keep_attention=keep_attention, layers=layers,
         eigensolver=eigensolver,
-        captures=split_captures(capture), compile=compile_decoder)
+        captures=split_captures(capture), compile=compile_decoder, share_prefix=share_prefix)
     rank_config = RankConfig(output_dir=output_dir, threshold=threshold)
     stages = (extract_config, sweep_config, rank_config, PlotConfig(output_dir=output_dir))
     if seeds is not None:
