@@ -17,6 +17,7 @@ model (prepared items, activation capture, prefill, decode) is :mod:`vtkit.gener
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -942,7 +943,33 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
 def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None) -> _HostSpectra:
     """Singular values of each slot's captured rows, computed where the rows are (the Triton
     kernels of :mod:`vtkit.eigen`, all the batch's slots and k groups in one launch of each
-    kernel per chunk and panel), then copied to host memory without stalling the GPU."""
+    kernel per chunk and panel), then copied to host memory without stalling the GPU.
+
+    On CUDA they run on a stream of their own (:data:`SPECTRA_STREAM`), beside the next
+    batch's prefill: the eigenvalue kernels are bound by their loads' latency and leave most
+    of the GPU idle at the end of each launch, which the prefill's kernels then fill."""
+    device = next(iter(captured.values())).device
+    if device.type != "cuda" or not SPECTRA_STREAM:
+        return _spectra_here(captured, ks, pinned)
+    stream = _spectra_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    for rows in captured.values():
+        rows.record_stream(stream)     # their memory waits for the stream's work, not ours
+    with torch.cuda.stream(stream):
+        return _spectra_here(captured, ks, pinned)
+
+
+# Whether the device spectra run on a CUDA stream beside the sweep's forwards.
+SPECTRA_STREAM = True
+
+
+@functools.cache
+def _spectra_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _spectra_here(captured: dict, ks: list[int], pinned: _PinnedBuffers | None) -> _HostSpectra:
+    """:func:`_device_spectra` on the current stream."""
     groups, index = _group_index(captured, ks)
     # One block per k of every slot of one row width and dtype, stacked: a batch's Gram
     # matrices then take a few large matrix products rather than one small one per slot.
