@@ -210,3 +210,44 @@ def test_chunks_take_the_largest_matrices_first_within_the_cap(monkeypatch):
     assert sorted(i for chunk in chunks for i in chunk) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="up to"):
         eigen.gram_spectra([torch.zeros(1, eigen.MAX_SIZE + 1, eigen.MAX_SIZE + 1)])
+
+
+def test_device_spectra_on_a_stream_of_their_own(monkeypatch):
+    """The sweep's device spectra run beside the next batch's prefill: the same values as on
+    the sweep's stream, even when the captured rows are dropped and their memory is claimed
+    at once by the sweep's stream (their use is recorded on the spectra's stream)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA streams")
+    from vtkit import sweep as sweep_module
+
+    assert eigen.kernel_problem(DEVICE) is None
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    ks = [7, 12, 7, 30]
+
+    def rows():
+        return {("attn_out", layer): torch.randn(4, 30, 64, generator=g, device=DEVICE)
+                .to(torch.bfloat16) for layer in (0, 3)}
+
+    pinned = sweep_module._PinnedBuffers(limit=4)
+    results = {}
+    for on in (False, True):
+        g.manual_seed(0)
+        captured = rows()
+        expected = {(*slot, k): torch.linalg.svdvals(
+            block[members, :k].cpu().double()).numpy()
+            for slot, block in captured.items()
+            for k, members in sweep_module._k_groups(ks).items()}
+        monkeypatch.setattr(sweep_module, "SPECTRA_STREAM", on)
+        spectra = sweep_module._device_spectra(captured, ks, pinned)
+        captured.clear()
+        claimed = [torch.full((4, 30, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+                   for _ in range(4)]
+        results[on] = {key: v.copy() for key, v in spectra.values().items()}
+        spectra.release()
+        del claimed
+        assert results[on].keys() == expected.keys()
+        for key, got in results[on].items():
+            np.testing.assert_allclose(got, expected[key], rtol=1e-5,
+                                       atol=1e-6 * float(expected[key].max()), err_msg=str(key))
+    for key, got in results[True].items():
+        np.testing.assert_array_equal(got, results[False][key])
