@@ -185,7 +185,7 @@ class Prefill:
     mask: torch.Tensor                 # [B, L]
     positions: torch.Tensor            # [B, L]
     captured: dict                     # (capture, layer) -> [B, k_max, D]; {} without capture
-    tokens: int                        # prefill tokens, padding included
+    tokens: int                        # the padded batch's positions (a shared prefix in each row)
     reused: int = 0                    # of those, run once for every row (a shared prefix)
 
 
