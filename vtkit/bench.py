@@ -339,7 +339,7 @@ def run_timed_pipeline(config: BenchConfig, model, model_dir: Path, data_dir: Pa
 
 
 def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float], items,
-               flop_per_token: int, peak: float, counts: dict | None = None) -> dict:
+               flop_per_token: int, peak: float, counts: dict[str, int]) -> dict:
     """Images/s of extract; tokens/s, MFU, padding, phase shares and peak memory of the sweep;
     the full sweep's projected time against its FLOP floor.
 
@@ -354,7 +354,7 @@ def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float
     floor = full_tokens * flop_per_token / peak
     phase_total = sum(phases.values()) or 1.0
     peak_memory = run.peak_memory.get("sweep")
-    shared = (counts or {}).get("shared prefix tokens", 0)
+    shared = counts.get("shared prefix tokens", 0)
     computed = run.swept.prefill_tokens - shared
     return {
         "vision_images_per_s": run.extracted.num_images / run.seconds["extract"],
