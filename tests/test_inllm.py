@@ -229,9 +229,11 @@ def test_fastv_at_all_tokens_is_the_unpruned_path(models, items, demo_scienceqa)
     visual = visual_rows(model, len(items), seed=2)
     ks = [576] * len(items)
     config = config_for(demo_scienceqa, max_new_tokens=6)
-    # One forward per batch on both sides, so that the two compute the very same sums (with
-    # the prefix shared the plain path agrees to float32 rounding: test_capture.py).
+    # One left-padded forward per batch on both sides, so that the two compute the very same
+    # sums (with the prefix shared, or rows packed, the plain path agrees to float32 rounding:
+    # test_capture.py, test_packed.py).
     config.share_prefix = False
+    config.pack = False
     capture = ActivationCapture(model, ("attn_out", "hidden"), [0, 1, 3, 5])
     try:
         pruned = inllm.run_batch(model, items, visual, config, capture, ks, "fastv", K)

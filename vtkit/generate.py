@@ -15,9 +15,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from vtkit.data import Question
+from vtkit.packed import PackedDecoder, packing_problem
 from vtkit.progress import NullTimer, PhaseTimer
 from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokenize_prompt
 from vtkit.pruning import gather_rows, left_pad, splice_sequence, to_device
@@ -99,8 +101,15 @@ class ActivationCapture:
 
     def _keep(self, slot: tuple[str, int], tensor: torch.Tensor) -> None:
         if self.rows is not None:
-            rows = gather_rows(tensor, self.rows)
+            # A packed batch's tensors are [T, D], and its rows index T.
+            rows = tensor[self.rows] if tensor.dim() == 2 else gather_rows(tensor, self.rows)
             self.captured[slot] = rows.masked_fill(~self.valid[..., None], 0)
+
+    def layer_output(self, layer: int, tensor: torch.Tensor) -> None:
+        """Keep decoder layer ``layer``'s output for a ``hidden`` slot: what the layer's hook
+        does when a loop other than the layer's own forward runs it (:mod:`vtkit.packed`)."""
+        if ("hidden", layer) in self.widths:
+            self._keep(("hidden", layer), tensor)
 
     def close(self) -> None:
         for handle in self.handles:
@@ -182,11 +191,12 @@ class Prefill:
 
     logits: torch.Tensor               # [B, vocab] for the next token
     past: object                       # the KV cache
-    mask: torch.Tensor                 # [B, L]
-    positions: torch.Tensor            # [B, L]
+    mask: torch.Tensor | None          # [B, L]; None for packed rows
+    positions: torch.Tensor            # [B, L] (padded) or [B, 1] each row's last (packed)
     captured: dict                     # (capture, layer) -> [B, k_max, D]; {} without capture
-    tokens: int                        # the padded batch's positions (a shared prefix in each row)
+    tokens: int                        # the batch's positions (a shared prefix in each row)
     reused: int = 0                    # of those, run once for every row (a shared prefix)
+    decoder: PackedDecoder | None = None   # the packed rows' decoder; None: padded
 
 
 def embed_texts(model, texts: list[list[int]]) -> list[torch.Tensor]:
@@ -209,27 +219,61 @@ def shared_prefix(items: list[PreparedItem]) -> int:
     return common
 
 
+def batch_decoder(model, config: SweepConfig) -> PackedDecoder | None:
+    """The packed decoder a sweep's batches run through, or None for left-padded batches
+    (``--no-pack``, or a language model :func:`~vtkit.packed.packing_problem` rules out). Its
+    elementwise work is compiled with ``--compile``, and by default on CUDA."""
+    if not config.pack or packing_problem(model) is not None:
+        return None
+    compiled = model.device.type == "cuda" if config.compile is None else config.compile
+    return PackedDecoder(model, compiled)
+
+
+def _embedded(model, items: list[PreparedItem],
+              visual: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Each row's embedded prompt [L_i, D], the kept visual rows in place of the placeholder."""
+    if visual is None:
+        return embed_texts(model, [item.prefix for item in items])
+    texts = embed_texts(model, [item.prefix for item in items] + [item.suffix for item in items])
+    return [splice_sequence(prefix, v, suffix) for prefix, v, suffix in
+            zip(texts[:len(items)], visual, texts[len(items):], strict=True)]
+
+
+def _aim_capture(capture: ActivationCapture, starts: torch.Tensor,
+                 visual: list[torch.Tensor]) -> None:
+    """Point ``capture`` at each row's visual positions, from ``starts`` [B] (on the device),
+    the position of each row's first visual token in the forward's layout."""
+    device = starts.device
+    lengths = [v.shape[0] for v in visual]
+    ks = to_device(torch.tensor(lengths), device)
+    offsets = torch.arange(max(lengths), device=device)
+    # Past its own k a row repeats its last visual position; the hook zeroes those rows.
+    capture.rows = starts[:, None] + torch.minimum(offsets[None, :], ks[:, None] - 1)
+    capture.valid = offsets[None, :] < ks[:, None]
+    capture.captured = {}
+
+
 @torch.inference_mode()
 def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
-            capture: ActivationCapture | None = None, share_prefix: bool = False) -> Prefill:
-    """Embed, splice and left-pad a batch, run the language model once over it.
+            capture: ActivationCapture | None = None, share_prefix: bool = False,
+            decoder: PackedDecoder | None = None) -> Prefill:
+    """Embed and splice a batch, run the language model once over it.
 
     With ``visual`` (one [k_i, D] tensor per item; k may differ between items) the kept rows
     replace each image placeholder; with ``capture`` the captured tensors of those rows are kept
     at every layer of its slots. With ``share_prefix`` (and more than one row) the tokens every
     row begins with (:func:`shared_prefix`) run once, and their keys and values are copied into
     every row's cache before the rest of the batch runs: the same attention, position by
-    position, as a row alone would have.
+    position, as a row alone would have. With ``decoder`` the rows are packed
+    (:mod:`vtkit.packed`), else left-padded and run by the model's own forward.
     """
-    device = model.device
-    if visual is None:
-        sequences = embed_texts(model, [item.prefix for item in items])
-    else:
-        texts = embed_texts(model, [item.prefix for item in items] +
-                            [item.suffix for item in items])
-        sequences = [splice_sequence(prefix, v, suffix) for prefix, v, suffix in
-                     zip(texts[:len(items)], visual, texts[len(items):], strict=True)]
+    sequences = _embedded(model, items, visual)
     shared = shared_prefix(items) if share_prefix and len(items) > 1 else 0
+    capturing = capture is not None and visual is not None
+    if decoder is not None:
+        return _prefill_packed(model, decoder, items, visual, sequences, shared,
+                               capture if capturing else None)
+    device = model.device
     past = model.new_cache()
     if shared:
         # The capture's rows are not set yet: its hooks keep nothing of this forward.
@@ -243,19 +287,11 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
         mask = torch.cat([mask.new_ones((len(items), shared)), mask], dim=1)
         positions = torch.cat([torch.arange(shared, device=device).expand(len(items), -1),
                                positions + shared], dim=1)
-    capturing = capture is not None and visual is not None
     if capturing:
         longest = embeds.shape[1]
-        starts = to_device(torch.tensor([longest - s.shape[0] + len(item.prefix) - shared
-                                         for s, item in zip(sequences, items, strict=True)]),
-                           device)
-        lengths = [v.shape[0] for v in visual]
-        ks = to_device(torch.tensor(lengths), device)
-        offsets = torch.arange(max(lengths), device=device)
-        # Past its own k a row repeats its last visual position; the hook zeroes those rows.
-        capture.rows = starts[:, None] + torch.minimum(offsets[None, :], ks[:, None] - 1)
-        capture.valid = offsets[None, :] < ks[:, None]
-        capture.captured = {}
+        _aim_capture(capture, to_device(torch.tensor(
+            [longest - s.shape[0] + len(item.prefix) - shared
+             for s, item in zip(sequences, items, strict=True)]), device), visual)
     try:
         hidden = model.run_decoder(embeds, mask, positions[:, shared:], past)
     finally:
@@ -267,11 +303,42 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
                    (len(items) - 1) * shared)
 
 
+def _prefill_packed(model, decoder: PackedDecoder, items: list[PreparedItem],
+                    visual: list[torch.Tensor] | None, sequences: list[torch.Tensor],
+                    shared: int, capture: ActivationCapture | None) -> Prefill:
+    """:func:`prefill` over packed rows: the shared prefix once, then every row's own tokens
+    after it."""
+    device = model.device
+    cache = decoder.new_cache()
+    if shared:
+        decoder.prefix(sequences[0][:shared], cache)
+        sequences = [s[shared:] for s in sequences]
+    lengths = np.array([s.shape[0] for s in sequences])
+    ends = lengths.cumsum()
+    positions = np.arange(ends[-1]) - np.repeat(ends - lengths, lengths) + shared
+    if capture is not None:
+        firsts = ends - lengths + np.array([len(item.prefix) - shared for item in items])
+        _aim_capture(capture, to_device(torch.from_numpy(firsts), device), visual)
+    try:
+        hidden = decoder.rows(torch.cat(sequences), to_device(torch.from_numpy(positions), device),
+                              lengths.tolist(), cache, capture)
+    finally:
+        if capture is not None:
+            capture.rows = None
+    captured = dict(capture.captured) if capture is not None else {}
+    logits = model.lm_head(decoder.norm(hidden[to_device(torch.from_numpy(ends - 1), device)]))
+    last = to_device(torch.from_numpy(lengths + shared - 1), device)[:, None]
+    return Prefill(logits, cache, None, last, captured, int(ends[-1]) + shared * len(items),
+                   (len(items) - 1) * shared, decoder)
+
+
 @torch.inference_mode()
 def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig,
            ks: list[int]) -> list[str]:
     """Greedy (temperature 0) or seeded sampled decoding with the KV cache of the prefill
     (:func:`decode_loop`)."""
+    if state.decoder is not None:
+        return _decode_packed(model, items, state, config, ks)
     length = state.mask.shape[1]
     # The mask of every step is a view of one allocation (each new position is attended).
     masks = torch.cat([state.mask, state.mask.new_ones((len(items), config.max_new_tokens - 1))],
@@ -282,6 +349,17 @@ def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig
         hidden = model.run_decoder(model.embed_tokens(token[:, None]),
                                    masks[:, :length + step + 1], last + step + 1, state.past)
         return model.lm_head(hidden[:, -1])
+
+    return decode_loop(model, items, ks, config, state.logits, forward)
+
+
+def _decode_packed(model, items: list[PreparedItem], state: Prefill, config: SweepConfig,
+                   ks: list[int]) -> list[str]:
+    """:func:`decode` of packed rows: each step is one token per row, appended to its row."""
+    def forward(token: torch.Tensor, step: int) -> torch.Tensor:
+        hidden = state.decoder.step(model.embed_tokens(token), state.positions[:, 0] + step + 1,
+                                    state.past)
+        return model.lm_head(state.decoder.norm(hidden))
 
     return decode_loop(model, items, ks, config, state.logits, forward)
 
@@ -334,7 +412,8 @@ def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | Non
     """Prefill and decode one batch: (answers, captured rows, prefill tokens)."""
     timer = timer or NullTimer()
     with timer.phase("prefill"):
-        state = prefill(model, items, visual, capture, config.share_prefix)
+        state = prefill(model, items, visual, capture, config.share_prefix,
+                        batch_decoder(model, config))
     timer.count("shared prefix tokens", state.reused)
     with timer.phase("decode"):
         answers = decode(model, items, state, config, ks)

@@ -73,12 +73,14 @@ from vtkit.flops import LMShape
 from vtkit.generate import (
     ActivationCapture,
     PreparedItem,
+    batch_decoder,
     decode_settings,
     default_token_budget,
     prepare_items,
     run_batch,
     slot_widths,
 )
+from vtkit.packed import packing_problem
 from vtkit.parallel import init_workers
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
 from vtkit.prompts import get_conv_template
@@ -125,10 +127,12 @@ class SweepConfig:
     batch_size: int | None = None     # questions per forward; None: by token budget
     token_budget: int | None = None   # prefill tokens per forward; None: from free memory
     share_prefix: bool = True         # a batch's common prompt prefix runs once, not per row
+    pack: bool = True                 # a batch's rows packed into one sequence, not left-padded
     keep_attention: int = DEFAULT_KEEP_ATTENTION
     layers: str = DEFAULT_LAYERS      # --layers as given; resolved by :func:`resolve_layers`
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
-    compile: bool = False             # torch.compile the decoder's MLP and norms
+    compile: bool | None = None       # torch.compile the decoder's elementwise work; None: on
+                                      # CUDA for packed rows, off for padded ones
     eigensolver: str = DEFAULT_EIGENSOLVER   # who computes the spectra (resolve_eigensolver)
     dtype: str | None = None
     device: str = DEFAULT_DEVICE
@@ -388,6 +392,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None, model=None,
     selection = select_questions(config.base_dir, config.question_file, config.image_folder,
                                  config.split, config.num_samples)
     model = _ready_model(config, model, workers, reporter)
+    _compile(model, config, reporter, timer)
     random_init = bool(model.identity.get("random_init"))
     run = _resolve(config, model, selection)
     store = cache.start_parts(run.final, output_dir / SWEEP_PARTS_DIR, run.inputs, config.force,
@@ -449,20 +454,37 @@ def sweep_seeds(config: SweepConfig, seeds: list[int], reporter: Reporter | None
 
 
 def _ready_model(config: SweepConfig, model, workers, reporter: Reporter):
-    """The model to sweep with: ``model``, else the checkpoint loaded; compiled with
-    ``--compile``; a warning when its weights are random."""
+    """The model to sweep with: ``model``, else the checkpoint loaded; its MLP and norms
+    compiled with ``--compile`` for padded batches (packed ones compile their own pieces); a
+    warning when its weights are random, and a note when its rows cannot be packed."""
     if model is None:
         from vtkit.model import load_model
 
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
                            dtype=config.dtype, device=workers.device(config.device))
         check_model_fit(config, model)
-    if config.compile:
+    problem = packing_problem(model) if config.pack else None
+    if problem is not None:
+        reporter.warn(f"left-padded batches: this language model cannot run packed ({problem})")
+    if config.compile and (problem is not None or not config.pack):
         model.compile_decoder()
     if model.identity.get("random_init"):
         reporter.warn("RANDOM WEIGHTS (--random-init): answers and ranks are noise; for "
                       "benchmarks only")
     return model
+
+
+def _compile(model, config: SweepConfig, reporter: Reporter,
+             timer: PhaseTimer | NullTimer) -> None:
+    """Compile the packed decoder's pieces before the first batch, when the batches will run
+    them compiled: a cost of the run (timer phase ``compile``), not of its first batch."""
+    started = time.perf_counter()
+    with timer.phase("compile"):
+        decoder = batch_decoder(model, config)
+        if decoder is None or not decoder.compiled:
+            return
+        decoder.warm_up()
+    reporter.info(f"packed decoder layers compiled in {time.perf_counter() - started:.1f} s")
 
 
 def _resolve(config: SweepConfig, model, selection: Selection) -> _Run:

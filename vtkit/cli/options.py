@@ -146,9 +146,15 @@ SharePrefixOpt = Annotated[bool, typer.Option(
     "--share-prefix/--no-share-prefix",
     help="Run the prompt tokens every row of a batch begins with (the system prompt) once per "
          "batch and copy their keys and values to each row, instead of once per row.")]
-CompileOpt = Annotated[bool, typer.Option(
-    "--compile", help="torch.compile the decoder's MLP and norms for prefill throughput (the "
-                      "first batches compile).")]
+PackOpt = Annotated[bool, typer.Option(
+    "--pack/--no-pack",
+    help="Concatenate a batch's rows into one sequence (flash attention's variable-length "
+         "kernel on CUDA, no padding) instead of left-padding them under a mask.")]
+CompileOpt = Annotated[bool | None, typer.Option(
+    "--compile/--no-compile",
+    help="torch.compile the decoder's elementwise work (norms, rotary, MLP) for prefill "
+         "throughput; the first batches compile. Default: on for packed rows on CUDA.",
+    show_default=False)]
 
 
 def split_captures(text: str) -> list[str]:

@@ -26,6 +26,7 @@ from vtkit.cli.options import (
     ModelPathOpt,
     NumSamplesOpt,
     OutputDirOpt,
+    PackOpt,
     PruneLayerOpt,
     QuestionFileOpt,
     RandomInitOpt,
@@ -99,8 +100,9 @@ def run(
     layers: LayersOpt = DEFAULT_LAYERS,
     eigensolver: EigensolverOpt = DEFAULT_EIGENSOLVER,
     capture: CaptureOpt = DEFAULT_CAPTURE,
-    compile_decoder: CompileOpt = False,
+    compile_decoder: CompileOpt = None,
     share_prefix: SharePrefixOpt = True,
+    pack: PackOpt = True,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     dtype: DtypeOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
@@ -139,7 +141,8 @@ def run(
         seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
         token_budget=token_budget, keep_attention=keep_attention, layers=layers,
         eigensolver=eigensolver,
-        captures=split_captures(capture), compile=compile_decoder, share_prefix=share_prefix)
+        captures=split_captures(capture), compile=compile_decoder, share_prefix=share_prefix,
+        pack=pack)
     rank_config = RankConfig(output_dir=output_dir, threshold=threshold)
     stages = (extract_config, sweep_config, rank_config, PlotConfig(output_dir=output_dir))
     if seeds is not None:
