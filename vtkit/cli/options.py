@@ -145,7 +145,7 @@ ShapeOpt = Annotated[str, typer.Option("--shape", help="Model shape: tiny | llav
 SharePrefixOpt = Annotated[bool, typer.Option(
     "--share-prefix/--no-share-prefix",
     help="Run the prompt tokens every row of a batch begins with (the system prompt) once per "
-         "batch and copy their keys and values to each row, instead of once per row.")]
+         "batch, every row attending to their keys and values, instead of once per row.")]
 PackOpt = Annotated[bool, typer.Option(
     "--pack/--no-pack",
     help="Concatenate a batch's rows into one sequence (flash attention's variable-length "
@@ -153,7 +153,7 @@ PackOpt = Annotated[bool, typer.Option(
 CompileOpt = Annotated[bool | None, typer.Option(
     "--compile/--no-compile",
     help="torch.compile the decoder's elementwise work (norms, rotary, MLP) for prefill "
-         "throughput; the first batches compile. Default: on for packed rows on CUDA.",
+         "throughput, before the first batch. Default: on for packed rows on CUDA.",
     show_default=False)]
 
 
