@@ -226,3 +226,41 @@ def test_which_language_models_run_packed(demo_model, demo_scienceqa):
         assert batch_decoder(demo_model, config) is None
     finally:
         text.num_key_value_heads = heads
+
+
+def test_the_sweep_answers_alike_packed_and_padded(demo_scienceqa, tmp_path):
+    """``vtkit sweep`` with its default packed rows and with ``--no-pack``: the same answers
+    and, in float32, the same spectra."""
+    import json
+    import shutil
+
+    import h5py
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from vtkit.cli.main import app
+
+    def vtkit(command, out, *extra):
+        result = CliRunner().invoke(app, [
+            command, "--model-path", str(DEMO_MODEL_DIR), "--base-dir", str(demo_scienceqa),
+            "--output-dir", str(out), "--num-samples", "6", "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+
+    def sweep(out, *extra):
+        out.mkdir()
+        shutil.copy(tmp_path / "features.h5", out / "features.h5")
+        vtkit("sweep", out, "--tokens", "576,64", "--max-new-tokens", "3", *extra)
+        return h5py.File(out / "sweep.h5", "r")
+
+    vtkit("extract", tmp_path)
+    with sweep(tmp_path / "packed") as packed, sweep(tmp_path / "padded", "--no-pack") as padded:
+        assert [json.loads(f.attrs["config"])["pack"] for f in (packed, padded)] == [True, False]
+        assert (packed["answers"][:] == padded["answers"][:]).all()
+        names = []
+        packed["spectra"].visititems(
+            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert names
+        for name in names:
+            reference = padded["spectra"][name][:]
+            np.testing.assert_allclose(packed["spectra"][name][:], reference, rtol=1e-4,
+                                       atol=1e-4 * np.abs(reference).max())
