@@ -213,6 +213,8 @@ def test_on_cuda_packed_rows_answer_as_padded_rows(demo_scienceqa):
 def test_which_language_models_run_packed(demo_model, demo_scienceqa):
     assert packing_problem(demo_model) is None
     config = SweepConfig(model_path="", base_dir=demo_scienceqa, tokens=[576])
+    assert config.pack is None and batch_decoder(demo_model, config) is None   # CPU: padded
+    config.pack = True
     decoder = batch_decoder(demo_model, config)
     assert isinstance(decoder, PackedDecoder) and not decoder.compiled    # CPU: eager
     config.pack = False
@@ -229,8 +231,8 @@ def test_which_language_models_run_packed(demo_model, demo_scienceqa):
 
 
 def test_the_sweep_answers_alike_packed_and_padded(demo_scienceqa, tmp_path):
-    """``vtkit sweep`` with its default packed rows and with ``--no-pack``: the same answers
-    and, in float32, the same spectra."""
+    """``vtkit sweep --pack`` and ``--no-pack``: the same answers and, in float32, the same
+    spectra."""
     import json
     import shutil
 
@@ -253,7 +255,8 @@ def test_the_sweep_answers_alike_packed_and_padded(demo_scienceqa, tmp_path):
         return h5py.File(out / "sweep.h5", "r")
 
     vtkit("extract", tmp_path)
-    with sweep(tmp_path / "packed") as packed, sweep(tmp_path / "padded", "--no-pack") as padded:
+    with (sweep(tmp_path / "packed", "--pack") as packed,
+          sweep(tmp_path / "padded", "--no-pack") as padded):
         assert [json.loads(f.attrs["config"])["pack"] for f in (packed, padded)] == [True, False]
         assert (packed["answers"][:] == padded["answers"][:]).all()
         names = []

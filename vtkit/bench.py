@@ -63,7 +63,7 @@ class BenchConfig:
     max_new_tokens: int = DEFAULT_BENCH_MAX_NEW_TOKENS
     compile: bool | None = None           # --compile of the measured sweep (None: its default)
     share_prefix: bool = True
-    pack: bool = True                     # --pack of the measured sweep
+    pack: bool | None = None              # --pack of the measured sweep (None: its default)
     layers: str = DEFAULT_LAYERS          # --layers of the measured sweep (all: every layer)
     eigensolver: str = DEFAULT_EIGENSOLVER   # --eigensolver of the measured sweep
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
@@ -225,7 +225,7 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     """Build the model, run extract + sweep on synthetic questions, return the measurements
     (also written to ``bench.json`` in the output dir, and shown as a table)."""
     from vtkit.data import select_questions
-    from vtkit.generate import prepare_items
+    from vtkit.generate import batch_decoder, prepare_items
 
     reporter = reporter or Reporter()
     out = Path(config.output_dir)
@@ -244,6 +244,7 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> dict:
     flop_per_token = 2 * result["lm_parameters"]
     result.update(throughput(config, run, timer.totals(), items, flop_per_token, peak,
                              timer.counts()))
+    result["pack"] = batch_decoder(model, sweep_config) is not None    # as the sweep resolved it
     baseline = plain_forward(model, *PLAIN_FORWARD_SHAPE[model.device.type == "cuda"],
                              repeats=5)
     baseline["mfu"] = baseline["tokens_per_s"] * flop_per_token / peak
@@ -367,7 +368,7 @@ def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float
         "sweep_seconds": sweep_seconds, "useful_tokens": real_tokens,
         "padded_tokens": run.swept.prefill_tokens,
         "padding_overhead": run.swept.prefill_tokens / real_tokens - 1.0,
-        "pack": config.pack, "compile": config.compile, "compile_seconds": compile_seconds,
+        "compile": config.compile, "compile_seconds": compile_seconds,
         "share_prefix": config.share_prefix, "shared_prefix_tokens": shared,
         "shared_prefix_share": shared / real_tokens, "computed_tokens": computed,
         "prefill_tokens_per_s": tokens_per_s,

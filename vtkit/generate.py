@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vtkit.data import Question
-from vtkit.packed import PackedDecoder, packing_problem
+from vtkit.packed import PackedDecoder, flash_varlen_available, packing_problem
 from vtkit.progress import NullTimer, PhaseTimer
 from vtkit.prompts import IMAGE_TOKEN_INDEX, build_prompt, question_text, tokenize_prompt
 from vtkit.pruning import gather_rows, left_pad, splice_sequence, to_device
@@ -219,11 +219,21 @@ def shared_prefix(items: list[PreparedItem]) -> int:
     return common
 
 
+def packing_wanted(model, config: SweepConfig) -> bool:
+    """Whether the sweep's rows are to run packed: ``--pack``/``--no-pack``, by default where
+    flash attention's variable-length kernel runs (CUDA, fp16/bf16). Elsewhere the packed
+    layers have no kernel of their own to gain from, and the model's own forward is faster."""
+    if config.pack is not None:
+        return config.pack
+    return flash_varlen_available(model.device, model.dtype)
+
+
 def batch_decoder(model, config: SweepConfig) -> PackedDecoder | None:
     """The packed decoder a sweep's batches run through, or None for left-padded batches
-    (``--no-pack``, or a language model :func:`~vtkit.packed.packing_problem` rules out). Its
-    elementwise work is compiled with ``--compile``, and by default on CUDA."""
-    if not config.pack or packing_problem(model) is not None:
+    (:func:`packing_wanted`, and a language model :func:`~vtkit.packed.packing_problem` does
+    not rule out). Its elementwise work is compiled with ``--compile``, and by default on
+    CUDA."""
+    if not packing_wanted(model, config) or packing_problem(model) is not None:
         return None
     compiled = model.device.type == "cuda" if config.compile is None else config.compile
     return PackedDecoder(model, compiled)

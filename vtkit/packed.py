@@ -4,8 +4,9 @@ The sweep's rows have different lengths. Left-padded into one [B, L] batch, thei
 needs a padding mask, SDPA then runs its masked kernels, and every padded position runs the
 whole layer for nothing. Packed, the rows are one [T, D] sequence (T the sum of their
 lengths), and each row's queries attend to that row's keys alone: through flash attention's
-variable-length kernel (``torch.nn.attention.varlen``) on CUDA in half precision, and one row
-at a time with the softmax written out elsewhere (the CPU, float32).
+variable-length kernel (``torch.nn.attention.varlen``) on CUDA in half precision, where the
+sweep packs its rows by default, and one row at a time with the softmax written out elsewhere
+(the CPU, float32, where the sweep packs them only when asked: ``--pack``).
 
 :class:`PackedDecoder` runs the language model's decoder layers on such a sequence with the
 model's own weights, in the order of operations of transformers' Llama layer (RMSNorm in
@@ -181,10 +182,16 @@ def _causal_arguments() -> tuple[dict, dict] | None:
     return None
 
 
-def flash_varlen_usable(q: torch.Tensor) -> bool:
-    """Whether flash attention's variable-length kernel takes ``q``: CUDA, half precision."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether flash attention's variable-length kernel runs on ``device`` in ``dtype``: CUDA,
+    half precision, a torch that has it."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             and _causal_arguments() is not None)
+
+
+def flash_varlen_usable(q: torch.Tensor) -> bool:
+    """Whether flash attention's variable-length kernel takes ``q``."""
+    return flash_varlen_available(q.device, q.dtype)
 
 
 def _flash_part(q: torch.Tensor, part: Part, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,7 @@ from vtkit.generate import (
     batch_decoder,
     decode_settings,
     default_token_budget,
+    packing_wanted,
     prepare_items,
     run_batch,
     slot_widths,
@@ -127,7 +128,8 @@ class SweepConfig:
     batch_size: int | None = None     # questions per forward; None: by token budget
     token_budget: int | None = None   # prefill tokens per forward; None: from free memory
     share_prefix: bool = True         # a batch's common prompt prefix runs once, not per row
-    pack: bool = True                 # a batch's rows packed into one sequence, not left-padded
+    pack: bool | None = None          # a batch's rows packed into one sequence, not left-padded;
+                                      # None: where flash's variable-length kernel runs
     keep_attention: int = DEFAULT_KEEP_ATTENTION
     layers: str = DEFAULT_LAYERS      # --layers as given; resolved by :func:`resolve_layers`
     captures: list[str] = field(default_factory=lambda: [DEFAULT_CAPTURE])
@@ -463,10 +465,11 @@ def _ready_model(config: SweepConfig, model, workers, reporter: Reporter):
         model = load_model(config.model_path, config.model_base, random_init=config.random_init,
                            dtype=config.dtype, device=workers.device(config.device))
         check_model_fit(config, model)
-    problem = packing_problem(model) if config.pack else None
+    packed = packing_wanted(model, config)
+    problem = packing_problem(model) if packed else None
     if problem is not None:
         reporter.warn(f"left-padded batches: this language model cannot run packed ({problem})")
-    if config.compile and (problem is not None or not config.pack):
+    if config.compile and (problem is not None or not packed):
         model.compile_decoder()
     if model.identity.get("random_init"):
         reporter.warn("RANDOM WEIGHTS (--random-init): answers and ranks are noise; for "

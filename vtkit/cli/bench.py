@@ -66,7 +66,7 @@ def bench(
     seed_questions: SeedQuestionsOpt = DEFAULT_BENCH_SEED_QUESTIONS,
     compile_decoder: CompileOpt = None,
     share_prefix: SharePrefixOpt = True,
-    pack: PackOpt = True,
+    pack: PackOpt = None,
     layers: LayersOpt = DEFAULT_LAYERS,
     eigensolver: EigensolverOpt = DEFAULT_EIGENSOLVER,
     capture: CaptureOpt = DEFAULT_CAPTURE,

@@ -146,10 +146,11 @@ SharePrefixOpt = Annotated[bool, typer.Option(
     "--share-prefix/--no-share-prefix",
     help="Run the prompt tokens every row of a batch begins with (the system prompt) once per "
          "batch, every row attending to their keys and values, instead of once per row.")]
-PackOpt = Annotated[bool, typer.Option(
+PackOpt = Annotated[bool | None, typer.Option(
     "--pack/--no-pack",
     help="Concatenate a batch's rows into one sequence (flash attention's variable-length "
-         "kernel on CUDA, no padding) instead of left-padding them under a mask.")]
+         "kernel, no padding) instead of left-padding them under a mask. Default: packed on "
+         "CUDA in fp16/bf16, padded elsewhere.", show_default=False)]
 CompileOpt = Annotated[bool | None, typer.Option(
     "--compile/--no-compile",
     help="torch.compile the decoder's elementwise work (norms, rotary, MLP) for prefill "

@@ -102,7 +102,7 @@ def run(
     capture: CaptureOpt = DEFAULT_CAPTURE,
     compile_decoder: CompileOpt = None,
     share_prefix: SharePrefixOpt = True,
-    pack: PackOpt = True,
+    pack: PackOpt = None,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     dtype: DtypeOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,

@@ -98,7 +98,7 @@ def sweep(
     capture: CaptureOpt = DEFAULT_CAPTURE,
     compile_decoder: CompileOpt = None,
     share_prefix: SharePrefixOpt = True,
-    pack: PackOpt = True,
+    pack: PackOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
     random_init: RandomInitOpt = False,
