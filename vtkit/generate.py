@@ -272,10 +272,11 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
     With ``visual`` (one [k_i, D] tensor per item; k may differ between items) the kept rows
     replace each image placeholder; with ``capture`` the captured tensors of those rows are kept
     at every layer of its slots. With ``share_prefix`` (and more than one row) the tokens every
-    row begins with (:func:`shared_prefix`) run once, and their keys and values are copied into
-    every row's cache before the rest of the batch runs: the same attention, position by
-    position, as a row alone would have. With ``decoder`` the rows are packed
-    (:mod:`vtkit.packed`), else left-padded and run by the model's own forward.
+    row begins with (:func:`shared_prefix`) run once, and every row then attends to their keys
+    and values (copied into each row's cache when padded, kept as one part of the packed
+    cache): the same attention, position by position, as a row alone would have. With
+    ``decoder`` the rows are packed (:mod:`vtkit.packed`), else left-padded and run by the
+    model's own forward.
     """
     sequences = _embedded(model, items, visual)
     shared = shared_prefix(items) if share_prefix and len(items) > 1 else 0

@@ -189,11 +189,6 @@ def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
             and _causal_arguments() is not None)
 
 
-def flash_varlen_usable(q: torch.Tensor) -> bool:
-    """Whether flash attention's variable-length kernel takes ``q``."""
-    return flash_varlen_available(q.device, q.dtype)
-
-
 def _flash_part(q: torch.Tensor, part: Part, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     varlen, aux = _varlen()
     causal, full = _causal_arguments()
@@ -232,7 +227,7 @@ def combine(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
 
 def attend(q: torch.Tensor, parts: list[Part], scale: float, merge=combine) -> torch.Tensor:
     """Queries [T, H, d] over the keys of every part (each row its own), as one softmax."""
-    run = _flash_part if flash_varlen_usable(q) else _looped_part
+    run = _flash_part if flash_varlen_available(q.device, q.dtype) else _looped_part
     results = [run(q, part, scale) for part in parts]
     if len(results) == 1:
         return results[0][0]
