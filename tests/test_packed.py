@@ -13,8 +13,24 @@ import torch
 
 from vtkit.data import select_questions
 from vtkit.demo import DEMO_MODEL_DIR
-from vtkit.generate import ActivationCapture, batch_decoder, decode, prefill, prepare_items
-from vtkit.packed import PackedDecoder, Part, attend, combine, finish, packing_problem, project
+from vtkit.generate import (
+    ActivationCapture,
+    batch_decoder,
+    decode,
+    decode_loop,
+    prefill,
+    prepare_items,
+)
+from vtkit.packed import (
+    KEPT_PREFIXES,
+    PackedDecoder,
+    Part,
+    attend,
+    combine,
+    finish,
+    packing_problem,
+    project,
+)
 from vtkit.sweep import SweepConfig
 
 CUDA = torch.cuda.is_available()
@@ -76,6 +92,72 @@ def test_packed_rows_give_what_padded_rows_and_each_row_alone_give(demo_model, d
         assert (decode(model, items, again, config, ks) ==
                 decode(model, items, prefill(model, items, visual, None, share_prefix), config,
                        ks))
+
+
+def test_a_prefix_runs_once_for_every_batch_that_begins_with_it(demo_model, demo_scienceqa,
+                                                               monkeypatch):
+    """The packed decoder keeps a shared prefix's keys and values: a later batch that begins
+    with the same tokens reuses them, the same tensors, and gets the logits of a decoder that
+    runs them anew. Other prefixes run, and only the last few are kept."""
+    model = demo_model
+    config = SweepConfig(model_path="", base_dir=demo_scienceqa, tokens=[576])
+    items = image_items(model, demo_scienceqa, 4, config)
+    g = torch.Generator().manual_seed(2)
+    visual = [torch.randn(k, model.hidden_size, generator=g) for k in (5, 17, 17, 9)]
+    decoder = PackedDecoder(model, compiled=False)
+    runs, layers = [], decoder._layers
+
+    def counted(x, *args, **kwargs):
+        runs.append(x.shape[0])
+        return layers(x, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "_layers", counted)
+    first = prefill(model, items[:2], visual[:2], None, True, decoder)
+    second = prefill(model, items[2:], visual[2:], None, True, decoder)
+    shared = first.past.prefix_length
+    assert shared == second.past.prefix_length > 0
+    assert runs == [shared, first.tokens - 2 * shared, second.tokens - 2 * shared]
+    for (k1, v1), (k2, v2) in zip(first.past.prefix, second.past.prefix, strict=True):
+        assert k1 is k2 and v1 is v2
+    fresh = prefill(model, items[2:], visual[2:], None, True, PackedDecoder(model, False))
+    assert torch.equal(second.logits, fresh.logits)
+    x = torch.randn(3, model.hidden_size, generator=g)
+    for key in range(KEPT_PREFIXES + 1):
+        decoder.prefix(x, decoder.new_cache(), key=(key,))
+    assert runs[3:] == [3] * (KEPT_PREFIXES + 1)
+    assert list(decoder._prefixes) == [(key,) for key in range(1, KEPT_PREFIXES + 1)]
+
+
+def test_decoding_asks_whether_every_row_has_ended_from_the_second_token_on(demo_model,
+                                                                           demo_scienceqa):
+    """After the first token the loop runs a step without asking whether every row has ended
+    (asking makes the host wait for the prefill): rows that end at once still answer nothing.
+    From the second token on a batch whose rows have all ended stops."""
+    model = demo_model
+    config = SweepConfig(model_path="", base_dir=demo_scienceqa, tokens=[576], max_new_tokens=6)
+    items = image_items(model, demo_scienceqa, 2, config)
+    vocab = model.lm_head.weight.shape[0]
+    eos = model.eos_token_id
+    letter = model.tokenizer.encode("A", add_special_tokens=False)[-1]
+
+    def logits(*tokens):
+        out = torch.full((len(tokens), vocab), -1e4)
+        out[range(len(tokens)), list(tokens)] = 0.0
+        return out
+
+    def run(first, then):
+        steps = []
+
+        def forward(token, step):
+            steps.append(step)
+            return logits(*then)
+
+        return decode_loop(model, items, [576, 576], config, logits(*first), forward), steps
+
+    assert run((eos, eos), (letter, letter)) == (["", ""], [0])
+    assert run((letter, letter), (eos, eos)) == (["A", "A"], [0])
+    answers, steps = run((eos, letter), (letter, letter))
+    assert answers == ["", model.tokenizer.decode([letter] * 6)] and steps == [0, 1, 2, 3, 4]
 
 
 def reference_attention(q, keys, values, row_queries, scale):

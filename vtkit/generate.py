@@ -322,7 +322,7 @@ def _prefill_packed(model, decoder: PackedDecoder, items: list[PreparedItem],
     device = model.device
     cache = decoder.new_cache()
     if shared:
-        decoder.prefix(sequences[0][:shared], cache)
+        decoder.prefix(sequences[0][:shared], cache, key=tuple(items[0].prefix[:shared]))
         sequences = [s[shared:] for s in sequences]
     lengths = np.array([s.shape[0] for s in sequences])
     ends = lengths.cumsum()
@@ -392,7 +392,12 @@ def decode_loop(model, items: list[PreparedItem], ks: list[int], config: SweepCo
         token = torch.where(done, torch.full_like(token, pad), token)
         steps.append(token)
         done |= token == eos
-        if step + 1 == config.max_new_tokens or bool(done.all()):
+        if step + 1 == config.max_new_tokens:
+            break
+        # Whether every row has stopped is not asked after the first token: asking makes the
+        # host wait for the prefill's last kernels, and the decode step's launches then leave
+        # the GPU idle. Had every row stopped there, the step's tokens are all padding.
+        if step and bool(done.all()):
             break
         logits = forward(token, step)
     return answer_texts(model, steps)
