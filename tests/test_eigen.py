@@ -212,15 +212,18 @@ def test_chunks_take_the_largest_matrices_first_within_the_cap(monkeypatch):
         eigen.gram_spectra([torch.zeros(1, eigen.MAX_SIZE + 1, eigen.MAX_SIZE + 1)])
 
 
-def test_device_spectra_on_a_stream_of_their_own(monkeypatch):
-    """The sweep's device spectra run beside the next batch's prefill: the same values as on
-    the sweep's stream, even when the captured rows are dropped and their memory is claimed
-    at once by the sweep's stream (their use is recorded on the spectra's stream)."""
+@pytest.mark.parametrize("queue", ["_device_spectra", "_grams_to_host"])
+def test_spectra_on_a_stream_of_their_own(monkeypatch, queue):
+    """The sweep's spectra (the eigenvalue kernels', or LAPACK's Gram matrices) run beside the
+    sweep's next work: the same values as on the sweep's stream, even when the captured rows
+    are dropped and their memory is claimed at once by the sweep's stream (their use is
+    recorded on the spectra's stream)."""
     if DEVICE.type != "cuda":
         pytest.skip("CUDA streams")
     from vtkit import sweep as sweep_module
 
-    assert eigen.kernel_problem(DEVICE) is None
+    if queue == "_device_spectra":
+        assert eigen.kernel_problem(DEVICE) is None
     g = torch.Generator(device=DEVICE).manual_seed(0)
     ks = [7, 12, 7, 30]
 
@@ -238,7 +241,7 @@ def test_device_spectra_on_a_stream_of_their_own(monkeypatch):
             for slot, block in captured.items()
             for k, members in sweep_module._k_groups(ks).items()}
         monkeypatch.setattr(sweep_module, "SPECTRA_STREAM", on)
-        spectra = sweep_module._device_spectra(captured, ks, pinned)
+        spectra = getattr(sweep_module, queue)(captured, ks, pinned)
         captured.clear()
         claimed = [torch.full((4, 30, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
                    for _ in range(4)]

@@ -167,9 +167,9 @@ def test_text_only_questions_run_once(tiny_models, demo_scienceqa, model, featur
     calls: list[tuple[int, tuple[str, ...]]] = []
     original = sweep_module.run_batch
 
-    def counting(model_, items, visual, config, capture, ks, timer=None):
+    def counting(model_, items, visual, config, capture, ks, timer=None, *args):
         calls.extend((k, it.question.question_id) for it, k in zip(items, ks, strict=True))
-        return original(model_, items, visual, config, capture, ks, timer)
+        return original(model_, items, visual, config, capture, ks, timer, *args)
 
     monkeypatch.setattr(sweep_module, "run_batch", counting)
     out = _fresh(features_dir, tmp_path, "count")
@@ -189,6 +189,69 @@ def test_text_only_questions_run_once(tiny_models, demo_scienceqa, model, featur
         has_image = f["has_image"][:]
     for col in np.flatnonzero(~has_image):
         assert len(set(answers[:, col].tolist())) == 1
+
+
+def test_each_image_batch_queues_its_spectra_before_it_decodes(tiny_models, demo_scienceqa,
+                                                               model, features_dir, tmp_path,
+                                                               monkeypatch):
+    """A batch's spectra are queued between its prefill and its decoding (on CUDA their GPU
+    work then runs beside the decode step); text batches capture nothing and queue none."""
+    import vtkit.generate as generate_module
+
+    events = []
+    grams, decoding = sweep_module._grams_to_host, generate_module.decode
+
+    def queued(captured, ks, pinned):
+        events.append(("spectra", id(captured)))
+        return grams(captured, ks, pinned)
+
+    def decoded(model_, items, state, config, ks):
+        events.append(("decode", id(state.captured)))
+        return decoding(model_, items, state, config, ks)
+
+    monkeypatch.setattr(sweep_module, "_grams_to_host", queued)
+    monkeypatch.setattr(generate_module, "decode", decoded)
+    out = _fresh(features_dir, tmp_path, "order")
+    sweep(_config(tiny_models, demo_scienceqa, out, batch_size=4), model=model)
+    first = [name for name, _ in events].index("spectra")
+    text, image = events[:first], events[first:]        # the text batches run first
+    assert text and {name for name, _ in text} == {"decode"}
+    assert len(image) > 2 and image[0::2] == [("spectra", b) for _, b in image[1::2]]
+    assert image[1::2] == [("decode", b) for _, b in image[0::2]]
+
+
+def test_the_kernel_warm_up_runs_every_size_the_batches_meet(tiny_models, demo_scienceqa,
+                                                              model, features_dir, tmp_path,
+                                                              monkeypatch):
+    """On CUDA the sweep runs, before its first batch, the products whose sizes follow a
+    batch's rows (a kernel met first inside a batch stalls the host until the GPU is idle).
+    The sizes it plans are those the batches then meet: the row count of every product over
+    one position per row (LM head, decode step), and the (rows, k) of every Gram matrix."""
+    planned, linear_rows, grams = {}, set(), set()
+    sizes, linear, gram = (sweep_module._kernel_sizes, torch.nn.functional.linear,
+                           sweep_module.gram_matrices)
+
+    def planning(batches):
+        planned["rows"], planned["groups"] = sizes(batches)
+        return planned["rows"], planned["groups"]
+
+    def linear_spy(x, *args, **kwargs):
+        linear_rows.add(x.shape[:-1].numel())
+        return linear(x, *args, **kwargs)
+
+    def gram_spy(matrices, *args, **kwargs):
+        grams.add(tuple(matrices.shape[:2]))
+        return gram(matrices, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "_kernel_sizes", planning)
+    monkeypatch.setattr(torch.nn.functional, "linear", linear_spy)
+    monkeypatch.setattr(sweep_module, "gram_matrices", gram_spy)
+    out = _fresh(features_dir, tmp_path, "kernels")
+    sweep(_config(tiny_models, demo_scienceqa, out, batch_size=4, pack=True), model=model)
+    assert planned["rows"] and max(planned["rows"]) <= 4
+    # Prefill products run over whole prompts (tens of positions per row): above 4 rows.
+    assert {m for m in linear_rows if m <= 4} == planned["rows"]
+    assert grams == planned["groups"] and len({k for _, k in grams}) == len(TOKENS)
 
 
 def test_answer_files_score_like_the_sweep(swept, demo_scienceqa):
@@ -328,6 +391,36 @@ def test_in_llm_rows_are_budgeted_at_their_full_visual_length():
     assert [len(b) for b in _batches(mixed, None, 1730)] == [2]
     assert [len(b) for b in _batches(mixed, None, 1730, full_visual=576)] == [1, 1]
     assert [len(b) for b in _batches(mixed, None, 1752, full_visual=576)] == [2]
+
+
+def test_packed_rows_are_budgeted_at_their_own_tokens():
+    """Left-padded, a batch holds rows up to its longest row's length each, and closes where
+    the next row would pad it by more than 5%; packed rows hold no padding, so a batch closes
+    only where the next row's own tokens would pass the budget."""
+    from vtkit.data import Question
+    from vtkit.generate import PreparedItem
+    from vtkit.sweep import _batches, _plan
+
+    def item(index: int, text: int) -> PreparedItem:
+        question = Question(question_id=str(index), text="q", image=f"{index}.png")
+        return PreparedItem(index, question, "q", list(range(text)), [])
+
+    # Lengths far apart, as a few questions' (question, k) rows are.
+    rows = [(item(i, 100 + 60 * i), 20) for i in range(6)]
+    lengths = [120 + 60 * i for i in range(6)]            # 120 .. 420, 1620 in all
+    assert [len(b) for b in _batches(rows, None, 1000)] == [1] * 6
+    packed = _batches(rows, None, 1000, packed=True)
+    assert [len(b) for b in packed] == [4, 2]             # 720 tokens, then 900
+    assert sum(lengths[:5]) > 1000 >= sum(lengths[:4])
+    assert [len(b) for b in _batches(rows, 3, 10 ** 6, packed=True)] == [3, 3]
+    # The plan packs the rows it runs packed; an in-LLM scorer's rows stay left-padded.
+    chunk = [it for it, _ in rows]
+    config = SweepConfig(model_path="", base_dir="", tokens=[20])
+    plan, _ = _plan([chunk], [], config, {}, 1000, 576, packed=True)
+    assert [len(b) for b in plan[0]] == [4, 2]
+    config.scorer = "fastv"
+    plan, _ = _plan([chunk], [], config, {}, 10 ** 6, 576, packed=True)
+    assert [len(b) for b in plan[0]] == [1] * 6
 
 
 def test_the_sweep_keeps_cudnn_attention_off_on_cuda_only():

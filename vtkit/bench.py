@@ -349,11 +349,14 @@ def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float
     MFU counts the useful tokens, the work of one question at a time; with a shared prefix
     the forwards compute fewer (``computed_tokens``: padding added, the rows' copies of the
     prefix taken away), and ``computed_mfu`` is the share of peak those achieve."""
-    # Compiling the packed decoder is a cost of the run, like loading the model, not of its
-    # questions: it is reported on its own and kept out of the rate the projection scales.
+    # Compiling the packed decoder and loading the kernels of the batches' sizes are costs of
+    # the run, like loading the model, not of its questions: they are reported on their own
+    # and kept out of the rate the projection scales.
     compile_seconds = phases.get("compile", 0.0)
-    phases = {name: seconds for name, seconds in phases.items() if name != "compile"}
-    sweep_seconds = run.seconds["sweep"] - compile_seconds
+    warm_up_seconds = phases.get("warm_up", 0.0)
+    phases = {name: seconds for name, seconds in phases.items()
+              if name not in ("compile", "warm_up")}
+    sweep_seconds = run.seconds["sweep"] - compile_seconds - warm_up_seconds
     real_tokens = sum(it.text_length + k for it in items for k in config.tokens)
     tokens_per_s = real_tokens / sweep_seconds
     full_tokens = full_sweep_tokens()
@@ -369,6 +372,7 @@ def throughput(config: BenchConfig, run: PipelineResult, phases: dict[str, float
         "padded_tokens": run.swept.prefill_tokens,
         "padding_overhead": run.swept.prefill_tokens / real_tokens - 1.0,
         "compile": config.compile, "compile_seconds": compile_seconds,
+        "warm_up_seconds": warm_up_seconds,
         "share_prefix": config.share_prefix, "shared_prefix_tokens": shared,
         "shared_prefix_share": shared / real_tokens, "computed_tokens": computed,
         "prefill_tokens_per_s": tokens_per_s,
@@ -422,6 +426,8 @@ def report_bench(result: dict, reporter: Reporter) -> None:
          f"{result['eigensolver']})", f"{100 * result['capture_svd_share']:.1f}%"],
         ["rows", "packed" if result["pack"] else "left-padded"],
         ["compile, before the sweep's time (s)", result["compile_seconds"]],
+        ["kernels of the batches' sizes loaded, before the sweep's time (s)",
+         result["warm_up_seconds"]],
         ["padding overhead", f"{100 * result['padding_overhead']:.1f}%"],
         ["shared prefix (tokens run once per batch, not per row)",
          f"{100 * result['shared_prefix_share']:.1f}%" if result["share_prefix"] else "off"],

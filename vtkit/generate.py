@@ -424,13 +424,18 @@ def clean_answer(text: str) -> str:
 
 def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
               config: SweepConfig, capture: ActivationCapture | None, ks: list[int],
-              timer: PhaseTimer | NullTimer | None = None) -> tuple[list[str], dict, int]:
-    """Prefill and decode one batch: (answers, captured rows, prefill tokens)."""
+              timer: PhaseTimer | NullTimer | None = None, decoder: PackedDecoder | None = None,
+              on_captured=None) -> tuple[list[str], dict, int]:
+    """Prefill and decode one batch: (answers, captured rows, prefill tokens). With
+    ``decoder`` (:func:`batch_decoder`) the rows run packed, else left-padded. ``on_captured``,
+    when given, is called with the captured rows as soon as the prefill has queued them, before
+    the decoding: the sweep queues their spectra there."""
     timer = timer or NullTimer()
     with timer.phase("prefill"):
-        state = prefill(model, items, visual, capture, config.share_prefix,
-                        batch_decoder(model, config))
+        state = prefill(model, items, visual, capture, config.share_prefix, decoder)
     timer.count("shared prefix tokens", state.reused)
+    if on_captured is not None:
+        on_captured(state.captured)
     with timer.phase("decode"):
         answers = decode(model, items, state, config, ks)
     return answers, state.captured, state.tokens

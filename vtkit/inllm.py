@@ -319,14 +319,17 @@ def decode(model, items: list[PreparedItem], state: Prefill, config, ks: list[in
 
 def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor], config, capture,
               ks: list[int], method: str, prune_layer: int,
-              timer=None) -> tuple[list[str], dict, int]:
+              timer=None, on_captured=None) -> tuple[list[str], dict, int]:
     """Prefill and decode one batch with in-LLM pruning: (answers, captured rows, prefill
-    tokens), as :func:`vtkit.generate.run_batch` returns them."""
+    tokens), as :func:`vtkit.generate.run_batch` returns them, ``on_captured`` called as it
+    calls it."""
     from vtkit.progress import NullTimer
 
     timer = timer or NullTimer()
     with timer.phase("prefill"):
         state = prefill(model, items, visual, ks, method, prune_layer, capture)
+    if on_captured is not None:
+        on_captured(state.captured)
     with timer.phase("decode"):
         answers = decode(model, items, state, config, ks, prune_layer)
     return answers, state.captured, state.tokens

@@ -81,7 +81,7 @@ from vtkit.generate import (
     run_batch,
     slot_widths,
 )
-from vtkit.packed import packing_problem
+from vtkit.packed import PackedDecoder, packing_problem
 from vtkit.parallel import init_workers
 from vtkit.progress import NullTimer, PhaseTimer, Reporter
 from vtkit.prompts import get_conv_template
@@ -758,6 +758,7 @@ class _BatchRunner:
     timer: PhaseTimer | NullTimer
     solver: str = "lapack"        # resolve_eigensolver
     pinned: _PinnedBuffers | None = None
+    decoder: PackedDecoder | None = None    # batch_decoder: packed rows, else left-padded
 
     def text(self, batch: list[tuple[PreparedItem, int]]) -> int:
         """A batch without visual rows (k = 0): text-only questions, or image questions whose
@@ -769,7 +770,7 @@ class _BatchRunner:
             visual = [torch.zeros((0, self.model.hidden_size), dtype=self.model.dtype,
                                   device=self.model.device)] * len(items)
         answers, _, n = run_batch(self.model, items, visual, self.config, None, [0] * len(items),
-                                  self.timer)
+                                  self.timer, self.decoder)
         self.writer.submit(self.store.write, f"t-{items[0].index:06d}", {
             "question_index": np.asarray([it.index for it in items], dtype=np.int64),
             "k": np.zeros(len(items), dtype=np.int32), "answers": answers})
@@ -781,35 +782,47 @@ class _BatchRunner:
         row of ``chunk``); returns its prefill tokens."""
         items, ks = [it for it, _ in batch], [k for _, k in batch]
         rows = [local[it.index] for it in items]
+        queued = {}
+
+        def spectra(captured: dict) -> None:
+            # Queued before the decoding: on CUDA their kernels and copies then run on a
+            # stream of their own while the decode step leaves the GPU waiting on the host.
+            with self.timer.phase("spectra"):
+                queued["spectra"], queued["nbytes"] = self._spectra(captured, ks)
+
         if self.config.scorer in IN_LLM_SCORERS:
             # Every row enters with all its visual rows; the method prunes inside the model.
             answers, captured, n = inllm.run_batch(
                 self.model, items, [chunk.projected[r] for r in rows], self.config,
-                self.capture, ks, self.config.scorer, self.config.prune_layer, self.timer)
+                self.capture, ks, self.config.scorer, self.config.prune_layer, self.timer,
+                spectra)
         else:
             with self.timer.phase("select"):
                 visual = _select(self.model, self.config, chunk, rows, ks)
             answers, captured, n = run_batch(self.model, items, visual, self.config,
-                                             self.capture, ks, self.timer)
+                                             self.capture, ks, self.timer, self.decoder,
+                                             spectra)
         with self.timer.phase("spectra"):
-            if self.solver == "triton":
-                nbytes = 0
-                spectra = _device_spectra(captured, ks, self.pinned)
-            else:
-                # Float64 Gram matrices of every captured slot, held until their eigenvalues.
-                nbytes = _gram_bytes(captured, ks, self.capture.widths)
-                self.writer.make_room(nbytes)
-                spectra = _grams_to_host(captured, ks, self.pinned)
             kept = _kept_attention(items, ks, captured, self.keep)
         index = np.asarray([it.index for it in items], dtype=np.int64)
         self.writer.submit(_finish_image_batch, self.store, _image_part_name(index, ks), index,
-                           ks, answers, spectra, kept, nbytes=nbytes)
+                           ks, answers, queued["spectra"], kept, nbytes=queued["nbytes"])
         return n
+
+    def _spectra(self, captured: dict, ks: list[int]) -> tuple[object, int]:
+        """Queue the spectra of a batch's captured rows: (their pending result, the host
+        bytes they hold until the writer is done with them)."""
+        if self.solver == "triton":
+            return _device_spectra(captured, ks, self.pinned), 0
+        # Float64 Gram matrices of every captured slot, held until their eigenvalues.
+        nbytes = _gram_bytes(captured, ks, self.capture.widths)
+        self.writer.make_room(nbytes)
+        return _grams_to_host(captured, ks, self.pinned), nbytes
 
 
 def _batches(rows: list[tuple[PreparedItem, int]], batch_size: int | None, budget: int,
-             max_padding: float = 0.05,
-             full_visual: int = 0) -> list[list[tuple[PreparedItem, int]]]:
+             max_padding: float = 0.05, full_visual: int = 0,
+             packed: bool = False) -> list[list[tuple[PreparedItem, int]]]:
     """Length-sorted batches of (question, k) rows.
 
     Sorting every (question, k) of a chunk by prompt length, whatever its k, packs rows of
@@ -817,17 +830,20 @@ def _batches(rows: list[tuple[PreparedItem, int]], batch_size: int | None, budge
     closes when the next row would exceed ``batch_size`` rows, or ``budget`` padded tokens,
     or make padding more than ``max_padding`` of the batch's tokens. With ``full_visual``
     (pruning inside the model: the first layers see every visual token) the budget counts each
-    row at its text plus ``full_visual`` tokens, the length those layers run at.
+    row at its text plus ``full_visual`` tokens, the length those layers run at. ``packed``
+    rows (:mod:`vtkit.packed`) have no padding: the budget counts their own tokens, and a batch
+    closes only when it is full.
     """
     ordered = sorted(rows, key=lambda r: (r[0].text_length + r[1], r[0].index, r[1]))
     batches, current, useful, widest = [], [], 0, 0
     for item, k in ordered:
         length = item.text_length + k          # the longest so far: lengths ascend
-        padded = (len(current) + 1) * length
-        before_pruning = (len(current) + 1) * max(widest, item.text_length + full_visual)
+        padded = useful + length if packed else (len(current) + 1) * length
+        before_pruning = ((len(current) + 1) * max(widest, item.text_length + full_visual)
+                          if full_visual else 0)
         full = (len(current) == batch_size if batch_size
                 else max(padded, before_pruning) > budget)
-        wasteful = padded - (useful + length) > max_padding * padded
+        wasteful = not packed and padded - (useful + length) > max_padding * padded
         if current and (full or wasteful):
             batches.append(current)
             current, useful, widest = [], 0, 0
@@ -841,22 +857,25 @@ def _batches(rows: list[tuple[PreparedItem, int]], batch_size: int | None, budge
 
 def _plan(chunks: list[list[PreparedItem]], text_items: list[PreparedItem],
           config: SweepConfig, done: dict[int, set[int]], budget: int,
-          num_patches: int = 0) -> tuple[list, list]:
+          num_patches: int = 0, packed: bool = False) -> tuple[list, list]:
     """The batches of the (question, k) rows no part holds yet: per chunk of image questions,
     and of the text-only questions. An in-LLM scorer's rows run their first layers with all
-    ``num_patches`` visual tokens: the budget counts them at that length."""
+    ``num_patches`` visual tokens: the budget counts them at that length. ``packed``: the
+    rows run packed (:func:`~vtkit.generate.batch_decoder`), the in-LLM scorers' excepted."""
     text_rows = [(it, 0) for it in text_items if it.index not in done.get(0, set())]
     # Image questions at k = 0 need no features: they run in batches of their own, as text.
     bare_rows = [(it, 0) for chunk in chunks for it in chunk
                  if 0 in config.tokens and it.index not in done.get(0, set())]
     plan = []
+    in_llm = config.scorer in IN_LLM_SCORERS      # their rows run left-padded
     for chunk in chunks:
         rows = [(it, k) for it in chunk for k in config.tokens
                 if k and it.index not in done.get(k, set())]
-        full = num_patches if config.scorer in IN_LLM_SCORERS else 0
-        plan.append(_batches(rows, config.batch_size, budget, full_visual=full) if rows else [])
-    text_batches = (_batches(text_rows, config.batch_size, budget)
-                    + _batches(bare_rows, config.batch_size, budget))
+        plan.append(_batches(rows, config.batch_size, budget,
+                             full_visual=num_patches if in_llm else 0,
+                             packed=packed and not in_llm) if rows else [])
+    text_batches = (_batches(text_rows, config.batch_size, budget, packed=packed)
+                    + _batches(bare_rows, config.batch_size, budget, packed=packed))
     return plan, text_batches
 
 
@@ -870,7 +889,9 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     """
     chunk_size = 512 if model.device.type == "cuda" else 1024
     chunks = [image_items[i:i + chunk_size] for i in range(0, len(image_items), chunk_size)]
-    plan, text_batches = _plan(chunks, text_items, config, done, budget, model.num_patches)
+    decoder = batch_decoder(model, config)
+    plan, text_batches = _plan(chunks, text_items, config, done, budget, model.num_patches,
+                               decoder is not None)
     total = len(text_batches) + sum(len(b) for b in plan)
     if total == 0:
         return 0
@@ -883,7 +904,12 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
         workers = max(1, min(12, (os.cpu_count() or 2) - 2)) if solver == "lapack" else 2
     writer = _PartWriter(workers)
     runner = _BatchRunner(model, config, store, writer, ActivationCapture(model, captures, layers),
-                          keep, timer, solver, _PinnedBuffers(writer.limit + 1, writer.max_bytes))
+                          keep, timer, solver, _PinnedBuffers(writer.limit + 1, writer.max_bytes),
+                          decoder)
+    with timer.phase("warm_up"):
+        rows, groups = _kernel_sizes(text_batches + [b for batches in plan for b in batches])
+        _load_kernels(model, rows, groups if solver == "lapack" else set(),
+                      set(runner.capture.widths.values()))
     limits = threadpool_limits(limits=1, user_api="blas") if workers else nullcontext()
     attention = sweep_attention_backends(model.device)
     tokens_done = 0
@@ -914,6 +940,46 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
         runner.capture.close()
         runner.writer.close()
     return tokens_done
+
+
+def _kernel_sizes(batches: list[list[tuple[PreparedItem, int]]]) -> tuple[set, set]:
+    """The sizes of the products that follow a batch's rows, over the planned ``batches``:
+    (their row counts, their (rows, k) groups)."""
+    rows = {len(batch) for batch in batches}
+    groups = {(len(members), k) for batch in batches
+              for k, members in _k_groups([k for _, k in batch]).items() if k}
+    return rows, groups
+
+
+@torch.inference_mode()
+def _load_kernels(model, rows: set[int], groups: set[tuple[int, int]],
+                  widths: set[int]) -> None:
+    """Run once, before the first batch, the matrix products whose sizes follow a batch's
+    rows, at every size the planned batches give them (:func:`_kernel_sizes`): on CUDA a
+    kernel is loaded on its first launch, and loading waits until the GPU has run everything
+    queued before it.
+
+    cuBLAS picks its kernel by the sizes of the product, and the products over one position
+    per row (the LM head on each row's last position, every linear layer of a decode step)
+    have as many rows as the batch. Met for the first time inside a batch, a new size's kernel
+    made the host wait for that batch's whole prefill, and the GPU then waited for the host
+    (profiled: the LM head's product held the host 236-681 ms a batch, docs/performance.md).
+    The float64 Gram matrices of each k group (``groups``, when LAPACK finds their
+    eigenvalues; rows ``widths`` wide) run likewise. Elsewhere than on CUDA nothing is loaded
+    lazily, and nothing runs.
+    """
+    if model.device.type != "cuda":
+        return
+    weights = {tuple(m.weight.shape): m.weight for m in model.decoder_layers[0].modules()
+               if isinstance(m, torch.nn.Linear)}
+    weights[tuple(model.lm_head.weight.shape)] = model.lm_head.weight
+    for count in sorted(rows):
+        for shape, weight in sorted(weights.items()):
+            torch.nn.functional.linear(weight.new_zeros(count, shape[1]), weight)
+    for width in sorted(widths if groups else ()):
+        for count, k in sorted(groups):
+            gram_matrices(torch.zeros(count, k, width, dtype=model.dtype, device=model.device))
+    torch.cuda.synchronize(model.device)
 
 
 def _k_groups(ks: list[int]) -> dict[int, list[int]]:
@@ -950,10 +1016,16 @@ def _grams_to_host(captured: dict, ks: list[int], pinned: _PinnedBuffers | None)
 
     Rows are grouped by k, so a row's matrix is min(k, d) square rather than padded to the
     batch's largest k: the eigenvalues, the costly part on the CPU, grow as the cube of that
-    size. On CUDA the matrices go, asynchronously, into one pinned buffer of ``pinned`` (each
-    in a slice of it); the recorded event tells the CPU worker when the copy has landed. On
-    the CPU the tensors are simply returned.
+    size. On CUDA they are computed on a stream of their own (:func:`_beside`), beside the
+    batch's decode step and the next batch's prefill, and go, asynchronously, into one pinned
+    buffer of ``pinned`` (each in a slice of it); the recorded event tells the CPU worker when
+    the copy has landed. On the CPU the tensors are simply returned.
     """
+    return _beside(captured, _grams_here, captured, ks, pinned)
+
+
+def _grams_here(captured: dict, ks: list[int], pinned: _PinnedBuffers | None) -> _HostGrams:
+    """:func:`_grams_to_host` on the current stream."""
     groups, index = _group_index(captured, ks)
     grams = {}
     for (capture, layer), rows in captured.items():
@@ -970,21 +1042,30 @@ def _device_spectra(captured: dict, ks: list[int], pinned: _PinnedBuffers | None
     kernels of :mod:`vtkit.eigen`, all the batch's slots and k groups in one launch of each
     kernel per chunk and panel), then copied to host memory without stalling the GPU.
 
-    On CUDA they run on a stream of their own (:data:`SPECTRA_STREAM`), beside the next
-    batch's prefill: the eigenvalue kernels are bound by their loads' latency and leave most
-    of the GPU idle at the end of each launch, which the prefill's kernels then fill."""
-    device = next(iter(captured.values())).device
-    if device.type != "cuda" or not SPECTRA_STREAM:
-        return _spectra_here(captured, ks, pinned)
+    On CUDA they run on a stream of their own (:func:`_beside`), beside the batch's decode
+    step and the next batch's prefill: the eigenvalue kernels are bound by their loads'
+    latency and leave most of the GPU idle at the end of each launch, which the prefill's
+    kernels then fill."""
+    return _beside(captured, _spectra_here, captured, ks, pinned)
+
+
+def _beside(captured: dict, work, *args):
+    """``work(*args)`` on CUDA on a stream of its own (:data:`SPECTRA_STREAM`), after the work
+    queued so far on the sweep's stream (the prefill that captured ``captured``), and beside
+    what the sweep queues next: the captured rows are marked as used by that stream, so that
+    their memory is not handed to the next batch before it is done with them."""
+    device = next(iter(captured.values())).device if captured else None
+    if device is None or device.type != "cuda" or not SPECTRA_STREAM:
+        return work(*args)
     stream = _spectra_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     for rows in captured.values():
         rows.record_stream(stream)     # their memory waits for the stream's work, not ours
     with torch.cuda.stream(stream):
-        return _spectra_here(captured, ks, pinned)
+        return work(*args)
 
 
-# Whether the device spectra run on a CUDA stream beside the sweep's forwards.
+# Whether the spectra's GPU work runs on a CUDA stream beside the sweep's forwards.
 SPECTRA_STREAM = True
 
 
