@@ -141,7 +141,8 @@ class PackedCache:
     """Each decoder layer's keys and values of a batch's packed rows, in up to three parts
     that are never copied into one another:
 
-    - ``prefix``: the tokens every row begins with, run once ([P, H, d]), when shared;
+    - ``prefix``: the tokens every row begins with, run once ([P, H, d]) or reused from an
+      earlier batch (:meth:`PackedDecoder.prefix`), when shared;
     - ``rows``: each row's own prompt tokens, back to back ([T, H, d]);
     - ``decoded``: the tokens decoded since, one per row and step ([B, S, H, d]).
 
