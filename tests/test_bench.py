@@ -126,6 +126,18 @@ def test_profile_covers_the_batches_after_the_warm_up(tmp_path):
     # 2 batches x (prefill + 1 decode step) x (2 layers x q, k, v, o, gate, up, down + LM head).
     assert names["aten::mm"]["calls"] == 2 * 2 * (2 * 7 + 1)
     assert result["profile"]["kinds"] == profile["kinds"]
+    # The longest single host calls, longest first, each with its input shapes: a matrix
+    # product's are its two operands' (none here is longer than all mm calls together).
+    longest = profile["host_longest"]
+    assert len(longest) == 10
+    assert [t["seconds"] for t in longest] == sorted((t["seconds"] for t in longest),
+                                                     reverse=True)
+    assert longest[0]["seconds"] <= max(t["seconds"] for t in profile["host_top"])
+    assert any(t["shapes"] for t in longest)
+    for t in longest:
+        if t["name"] == "aten::mm":
+            assert len(t["shapes"]) == 2 and t["shapes"][0][-1] == t["shapes"][1][0]
+    assert any(title.startswith("longest single host calls") for title, _, _ in reporter.tables)
     assert (tmp_path / "profile_trace.json.gz").stat().st_size > 0
     assert any(title.startswith("profile by kind") for title, _, _ in reporter.tables)
 

@@ -35,6 +35,8 @@ _PATTERNS = (
 )
 #: The top kernels (or operators) kept in profile.json and shown in the table.
 TOP = 25
+#: The longest single host calls kept, with their input shapes.
+LONGEST = 10
 
 
 def kind_of(name: str) -> str:
@@ -86,7 +88,9 @@ class BatchProfiler(PhaseTimer):
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize(self.device)
-        self._profiler = torch.profiler.profile(activities=activities)
+        # Input shapes name the call behind a long wait (e.g. the LM head's product over a
+        # batch's rows, whose kernel loads on its first launch).
+        self._profiler = torch.profiler.profile(activities=activities, record_shapes=True)
         self._profiler.start()
         self._began = time.perf_counter()
 
@@ -137,6 +141,10 @@ def summarize(profiler, cuda: bool, wall: float, batches: int, warmup: int) -> d
         kinds[kind_of(a.key)] += own(a)
     host = sorted((a for a in averages if a.device_type == torch.autograd.DeviceType.CPU),
                   key=lambda a: a.self_cpu_time_total, reverse=True)
+    calls = sorted((e for e in profiler.events()
+                    if e.device_type == torch.autograd.DeviceType.CPU
+                    and not getattr(e, "is_user_annotation", False)),
+                   key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
         "device": "cuda" if cuda else "cpu",
         "measure": "GPU kernel time" if cuda else "CPU operator self time",
@@ -147,6 +155,9 @@ def summarize(profiler, cuda: bool, wall: float, batches: int, warmup: int) -> d
                  "share": own(a) / total, "calls": a.count} for a in work[:TOP]],
         "host_top": [{"name": a.key, "seconds": a.self_cpu_time_total / 1e6, "calls": a.count}
                      for a in host[:TOP]],
+        "host_longest": [{"name": e.name, "seconds": e.self_cpu_time_total / 1e6,
+                          "shapes": [list(shape) for shape in e.input_shapes or []]}
+                         for e in calls[:LONGEST]],
     }
 
 
@@ -167,4 +178,8 @@ def profile_tables(summary: dict) -> list[tuple[str, list[str], list[list]]]:
         tables.append(("top CPU-side operators and CUDA runtime calls (self CPU time)",
                        ["name", "calls", "seconds"],
                        [[t["name"][:70], t["calls"], t["seconds"]] for t in summary["host_top"]]))
+    tables.append(("longest single host calls (self CPU time), with their input shapes",
+                   ["name", "seconds", "input shapes"],
+                   [[t["name"][:50], t["seconds"], str(t["shapes"])[:70]]
+                    for t in summary["host_longest"]]))
     return tables
