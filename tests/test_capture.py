@@ -469,3 +469,46 @@ def test_waiting_batches_are_bounded_by_bytes():
     for _ in range(4):
         pool.give(torch.empty(512, dtype=torch.float64))   # 4 KiB each
     assert sum(b.numel() * 8 for b in pool.idle) <= 8 * 1024
+
+
+def test_a_batchs_eigenvalues_spread_over_the_solver_threads():
+    """The eigenvalues of one batch's Gram matrices run in pieces of about equal cost on the
+    writer's solver threads: the values equal those of one LAPACK call per stack, and the
+    last batch of a sweep no longer holds its end on a single thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import vtkit.sweep as sweep_module
+    from vtkit.pruning import spectra_from_gram
+
+    rng = np.random.default_rng(0)
+
+    def stack(rows, m):
+        x = rng.standard_normal((rows, m, 2 * m))
+        return torch.from_numpy(x @ x.transpose(0, 2, 1))
+
+    grams = {("attn", 0, 40): stack(7, 40), ("attn", 0, 10): stack(30, 10),
+             ("attn", 31, 40): stack(7, 40)}
+    spans = sweep_module._eigen_spans(grams, 4)
+    for key, g in grams.items():                  # each stack covered once, in order
+        assert [i for a, b in spans[key] for i in range(a, b)] == list(range(len(g)))
+    costs = [(b - a) * grams[key].shape[-1] ** 3 for key in spans for a, b in spans[key]]
+    assert 4 <= len(costs) <= 8
+    assert max(costs) <= sum(costs) / 4           # no piece above a quarter of the work
+    assert sweep_module._eigen_spans({("attn", 0, 9): stack(3, 9)}, 8)[("attn", 0, 9)] == [
+        (0, 1), (1, 2), (2, 3)]                    # one row at least per piece
+
+    submitted = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn, *args):
+            submitted.append(len(args[0]))
+            return super().submit(fn, *args)
+
+    with Recording(max_workers=4) as solvers:
+        split = sweep_module._HostGrams(grams, {}, solvers=solvers, parts=4).values()
+    whole = sweep_module._HostGrams(grams, {}).values()
+    assert split.keys() == whole.keys()
+    for key in whole:
+        np.testing.assert_array_equal(split[key], whole[key])
+        np.testing.assert_array_equal(whole[key], spectra_from_gram(grams[key].numpy()))
+    assert len(submitted) == len(costs) and sum(submitted) == 7 + 30 + 7

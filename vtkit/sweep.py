@@ -25,7 +25,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -611,10 +611,18 @@ class _PartWriter:
     are captured (a 7B batch with every layer holds gigabytes). An error in a worker surfaces at
     the next submit or at close. With no workers (CPU runs, where the threads would only
     compete with the model for cores) each batch is finished at once.
+
+    A batch's eigenvalues run on ``solvers``, a second pool of ``workers`` threads, in pieces
+    of about equal cost (:func:`_eigen_spans`); the batch's own thread waits for them. One
+    batch's matrices then spread over every thread, so the last batch, which nothing follows,
+    no longer holds the sweep's end on a single thread while the others idle.
     """
 
     def __init__(self, workers: int, max_bytes: int = 0) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers) if workers else None
+        self.solvers = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eigen")
+                        if workers else None)
+        self.workers = workers
         self.pending: list[tuple[object, int]] = []
         self.limit = 2 * workers
         self.max_bytes = max_bytes or host_memory_budget()
@@ -640,6 +648,7 @@ class _PartWriter:
                 future.result()
         finally:
             self.pool.shutdown(wait=True)
+            self.solvers.shutdown(wait=True)
 
 
 def host_memory_budget(share: float = 0.2, cap: int = 32 << 30) -> int:
@@ -713,10 +722,37 @@ class _HostSpectra:
 @dataclass
 class _HostGrams(_HostSpectra):
     """One batch's float64 Gram matrices (min(k, d) square) in host memory instead: their
-    singular values are found on the CPU thread that reads them (LAPACK)."""
+    singular values are found by LAPACK on the CPU, on the thread that reads them or, given
+    ``solvers`` (an executor of ``parts`` threads), in pieces on those threads."""
+
+    solvers: object = None
+    parts: int = 1
 
     def values(self) -> dict:
-        return {key: spectra_from_gram(g) for key, g in self.landed().items()}
+        grams = self.landed()
+        if self.solvers is None:
+            return {key: spectra_from_gram(g) for key, g in grams.items()}
+        pieces = {key: [self.solvers.submit(spectra_from_gram, grams[key][start:stop])
+                        for start, stop in spans]
+                  for key, spans in _eigen_spans(grams, self.parts).items()}
+        # Every piece ends before the buffer they read can go back to the pool, errors too.
+        wait([f for futures in pieces.values() for f in futures])
+        return {key: np.concatenate([f.result() for f in futures])
+                for key, futures in pieces.items()}
+
+
+def _eigen_spans(grams: dict, parts: int) -> dict:
+    """Row ranges splitting each stack of Gram matrices [B, m, m] into pieces of about equal
+    cost, about ``parts`` pieces over all the stacks: an eigendecomposition costs about m^3,
+    so a piece holds the rows of a stack that fit a ``parts``-th of the batch's total cost
+    (one row at least)."""
+    cost = {key: g.shape[-1] ** 3 for key, g in grams.items()}
+    share = sum(len(g) * cost[key] for key, g in grams.items()) / max(1, parts)
+    spans = {}
+    for key, g in grams.items():
+        step = max(1, int(share // max(1, cost[key])))
+        spans[key] = [(start, min(start + step, len(g))) for start in range(0, len(g), step)]
+    return spans
 
 
 def _finish_image_batch(store, name: str, index: np.ndarray, ks: list[int], answers: list[str],
@@ -817,7 +853,9 @@ class _BatchRunner:
         # Float64 Gram matrices of every captured slot, held until their eigenvalues.
         nbytes = _gram_bytes(captured, ks, self.capture.widths)
         self.writer.make_room(nbytes)
-        return _grams_to_host(captured, ks, self.pinned), nbytes
+        grams = _grams_to_host(captured, ks, self.pinned)
+        grams.solvers, grams.parts = self.writer.solvers, self.writer.workers
+        return grams, nbytes
 
 
 def _batches(rows: list[tuple[PreparedItem, int]], batch_size: int | None, budget: int,
