@@ -347,6 +347,37 @@ def test_the_progress_label_says_the_grid_is_done(tiny_models, demo_scienceqa, m
     assert reporter.labels[-1] == "sweep (2 k values)"
 
 
+def test_the_report_splits_the_batches_from_the_costs_of_the_run(tiny_models, demo_scienceqa,
+                                                                model, features_dir, tmp_path):
+    """After the sweep's time, a line splits it: the batches (their count, their tokens) and
+    what a run costs whatever its questions (planning, kernel warm-up, eigenvalue tail,
+    merge), the parts adding up to no more than the whole."""
+    import re
+
+    from vtkit.progress import RecordingReporter
+
+    reporter = RecordingReporter()
+    out = _fresh(features_dir, tmp_path, "split")
+    result = sweep(_config(tiny_models, demo_scienceqa, out, tokens=[576, 20], max_new_tokens=2,
+                           batch_size=4), reporter, model=model)
+    infos = [m for kind, m in reporter.messages if kind == "info"]
+    swept = next(i for i, m in enumerate(infos) if m.startswith("swept "))
+    total = float(re.search(r" in ([0-9.]+) s on 1 process", infos[swept]).group(1))
+    split = infos[swept + 1]
+    numbers = re.fullmatch(
+        r"batches ([0-9.]+) s \((\d+) batches, ([0-9,]+) tokens, [0-9,]+ tokens/s\); per run: "
+        r"planning ([0-9.]+) s, kernel warm-up ([0-9.]+) s, eigenvalue tail ([0-9.]+) s, "
+        r"merge ([0-9.]+) s", split)
+    assert numbers, split
+    looping, batches, tokens, *fixed = numbers.groups()
+    assert int(tokens.replace(",", "")) == result.prefill_tokens > 0
+    # 12 questions x 2 k in batches of at most 4 rows, some of them text-only (k = 0 once).
+    assert 2 * N / 4 <= int(batches) <= 2 * N
+    assert 0 < float(looping) <= total + 0.1
+    assert float(looping) + sum(map(float, fixed)) <= total + 0.3
+    assert not any(m.startswith("rank ") for m in infos)
+
+
 def test_the_layout_names_are_the_documented_ones():
     """Writers and readers take these names from vtkit.cache; docs/cache.md documents them."""
     from vtkit import cache

@@ -7,6 +7,7 @@ merges the parts into the same files a single-process run writes. NCCL on GPUs, 
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,6 +38,14 @@ class Workers:
         if self.world_size > 1:
             dist.barrier()
 
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value`` (picklable), in rank order, on every rank; a barrier too."""
+        if self.world_size == 1:
+            return [value]
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def device(self, requested: str) -> str:
         """The device this rank runs on: its own GPU under torchrun unless --device cpu."""
         if self.world_size == 1 or requested == "cpu":
@@ -60,4 +69,11 @@ def init_workers(device: str = "auto") -> Workers:
         if use_nccl:
             torch.cuda.set_device(workers.local_rank)
         dist.init_process_group("nccl" if use_nccl else "gloo")
+        atexit.register(_leave_group)
     return workers
+
+
+def _leave_group() -> None:
+    """Leave the process group at exit, as NCCL asks (it warns of leaked resources otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -573,10 +573,12 @@ def _compute(run: _Run, store: cache.PartStore, workers, reporter: Reporter,
     image_items, text_items = run.image_items, run.text_items
     keep = {it.index for it in image_items[:max(config.keep_attention, 0)]}
     computing = time.perf_counter()
-    tokens_done = _execute(model, config, store, workers.share(image_items),
-                           workers.share(text_items), done, budget, keep, run.captures, run.layers,
-                           config.features_file, reporter, timer)
-    workers.barrier()
+    times = _execute(model, config, store, workers.share(image_items),
+                     workers.share(text_items), done, budget, keep, run.captures, run.layers,
+                     config.features_file, reporter, timer)
+    executed = time.perf_counter()
+    ranks = workers.gather(times)
+    gathered = time.perf_counter()
     if workers.is_main:
         results = _merge(store, run)
         store.remove()
@@ -587,7 +589,35 @@ def _compute(run: _Run, store: cache.PartStore, workers, reporter: Reporter,
     reporter.info(f"swept {len(image_items)} image and {len(text_items)} text questions x "
                   f"{len(config.tokens)} k in {compute_seconds:.1f} s on {workers.world_size} "
                   f"process(es) (model loading excluded)")
-    return results, tokens_done
+    planning = executed - computing - times.warm_up - times.looping - times.tail
+    for line in _time_split(times, ranks, planning, gathered - executed,
+                            compute_seconds - (gathered - computing)):
+        reporter.info(line)
+    return results, times.tokens
+
+
+def _time_split(own: _RankTimes, ranks: list[_RankTimes], planning: float, waiting: float,
+                merging: float) -> list[str]:
+    """Lines splitting the sweep's time on this rank (``own``) into its batches and the costs
+    of the run (``planning`` the batches; ``waiting`` for the other ranks to finish theirs;
+    ``merging`` the parts into sweep.h5, the ranks leaving together) and, with several ranks
+    (``ranks``, in rank order), what each rank's batches took."""
+    fixed = [f"planning {planning:.1f} s", f"kernel warm-up {own.warm_up:.1f} s",
+             f"eigenvalue tail {own.tail:.1f} s"]
+    if len(ranks) > 1:
+        fixed.append(f"waiting for the other ranks {waiting:.1f} s")
+    fixed.append(f"merge {merging:.1f} s")
+    lines = [f"batches {_share_line(own)}; per run: " + ", ".join(fixed)]
+    for rank, times in enumerate(ranks if len(ranks) > 1 else []):
+        lines.append(f"rank {rank}: batches {_share_line(times)}, warm-up "
+                     f"{times.warm_up:.1f} s, eigenvalue tail {times.tail:.1f} s")
+    return lines
+
+
+def _share_line(times: _RankTimes) -> str:
+    rate = times.tokens / times.looping if times.looping > 0 else 0.0
+    return (f"{times.looping:.1f} s ({times.batches} batches, {times.tokens:,} tokens, "
+            f"{rate:,.0f} tokens/s)")
 
 
 def _stored_rows(store: cache.PartStore, reporter: Reporter) -> dict[int, set[int]]:
@@ -917,14 +947,28 @@ def _plan(chunks: list[list[PreparedItem]], text_items: list[PreparedItem],
     return plan, text_batches
 
 
+@dataclass
+class _RankTimes:
+    """Where one process's share of a sweep went (host seconds): the batches themselves, and
+    the costs of a run rather than of its questions: loading the batches' kernels before the
+    first (``warm_up``), the eigenvalues still computing after the last (``tail``)."""
+
+    batches: int = 0
+    tokens: int = 0
+    warm_up: float = 0.0
+    looping: float = 0.0
+    tail: float = 0.0
+
+
 def _execute(model, config, store, image_items, text_items, done, budget, keep, captures,
-             layers, features_path, reporter, timer) -> int:
+             layers, features_path, reporter, timer) -> _RankTimes:
     """Plan the remaining (question, k) work and run it, writing one part per batch.
 
     Questions go in chunks whose projected features stay on the device for the whole grid, so
     every question's features are read and projected once, not once per k; within a chunk all
     (question, k) rows are batched together by length.
     """
+    times = _RankTimes()
     chunk_size = 512 if model.device.type == "cuda" else 1024
     chunks = [image_items[i:i + chunk_size] for i in range(0, len(image_items), chunk_size)]
     decoder = batch_decoder(model, config)
@@ -932,7 +976,7 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
                                decoder is not None)
     total = len(text_batches) + sum(len(b) for b in plan)
     if total == 0:
-        return 0
+        return times
     solver = resolve_eigensolver(config.eigensolver, model.device, len(captures) * len(layers),
                                  reporter)
     # On GPU runs CPU threads write the parts and, with LAPACK, compute the eigenvalues (one
@@ -944,13 +988,16 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     runner = _BatchRunner(model, config, store, writer, ActivationCapture(model, captures, layers),
                           keep, timer, solver, _PinnedBuffers(writer.limit + 1, writer.max_bytes),
                           decoder)
+    started = time.perf_counter()
     with timer.phase("warm_up"):
         rows, groups = _kernel_sizes(text_batches + [b for batches in plan for b in batches])
         _load_kernels(model, rows, groups if solver == "lapack" else set(),
                       set(runner.capture.widths.values()))
+    times.warm_up = time.perf_counter() - started
     limits = threadpool_limits(limits=1, user_api="blas") if workers else nullcontext()
     attention = sweep_attention_backends(model.device)
     tokens_done = 0
+    started = time.perf_counter()
     try:
         with limits, attention, \
                 reporter.task("sweep", total=total, unit="batches", work_unit="tokens") as task, \
@@ -972,12 +1019,15 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
                     tokens_done += n
                     task.advance(1, work=n)
             task.describe(f"sweep ({len(config.tokens)} k values)")
+            ended = time.perf_counter()
             with timer.phase("drain"):
                 runner.writer.close()
     finally:
         runner.capture.close()
         runner.writer.close()
-    return tokens_done
+    times.batches, times.tokens = total, tokens_done
+    times.looping, times.tail = ended - started, time.perf_counter() - ended
+    return times
 
 
 def _kernel_sizes(batches: list[list[tuple[PreparedItem, int]]]) -> tuple[set, set]:
