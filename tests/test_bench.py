@@ -149,3 +149,16 @@ def test_too_few_batches_to_profile_is_said(tmp_path):
                        reporter)
     assert result["profile"] is None and not (tmp_path / "profile.json").exists()
     assert any("--profile" in message for _, message in reporter.messages)
+
+
+def test_the_matmul_peak_is_the_fastest_of_its_rounds(monkeypatch):
+    """The MFU denominator is the best of several timed rounds, not one noisy round: with
+    rounds of 4, 2 and 3 seconds the peak is the work of a round over 2 seconds."""
+    import torch
+
+    import vtkit.bench as bench
+
+    clock = iter([0.0, 4.0, 10.0, 12.0, 20.0, 23.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    peak = bench.matmul_peak(torch.device("cpu"), torch.float32, rounds=3)
+    assert peak == pytest.approx(2 * 1024 ** 3 * 5 / 2.0)
