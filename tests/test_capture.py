@@ -512,3 +512,29 @@ def test_a_batchs_eigenvalues_spread_over_the_solver_threads():
         np.testing.assert_array_equal(split[key], whole[key])
         np.testing.assert_array_equal(whole[key], spectra_from_gram(grams[key].numpy()))
     assert len(submitted) == len(costs) and sum(submitted) == 7 + 30 + 7
+
+
+def test_a_failing_eigenvalue_piece_surfaces_after_every_piece_has_ended(monkeypatch):
+    """An error in one piece reaches the batch's thread, and only once every other piece has
+    ended: the pinned buffer they read goes back to the pool right after."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import vtkit.sweep as sweep_module
+
+    ended, first = [], threading.Event()
+
+    def solve(gram):
+        if not first.is_set():
+            first.set()
+            raise np.linalg.LinAlgError("no convergence")
+        threading.Event().wait(0.05)          # later pieces still running when the first fails
+        ended.append(len(gram))
+        return np.zeros((len(gram), gram.shape[-1]), np.float32)
+
+    monkeypatch.setattr(sweep_module, "spectra_from_gram", solve)
+    grams = {("attn", 0, 8): torch.eye(8, dtype=torch.float64).repeat(6, 1, 1)}
+    with ThreadPoolExecutor(max_workers=3) as solvers:
+        with pytest.raises(np.linalg.LinAlgError, match="no convergence"):
+            sweep_module._HostGrams(grams, {}, solvers=solvers, parts=6).values()
+        assert sum(ended) == 5                   # the five other rows, all ended
