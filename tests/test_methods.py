@@ -111,11 +111,11 @@ def _spy(monkeypatch) -> list:
     seen = []
     original = sweep_module.run_batch
 
-    def spying(model_, items, visual, config, capture, ks, timer=None, *args, **kwargs):
+    def spying(model_, items, visual, config, capture, ks, timer=None, *args):
         if visual is not None:
             seen.append([(it.question.question_id, k, v.clone())
                          for it, k, v in zip(items, ks, visual, strict=True)])
-        return original(model_, items, visual, config, capture, ks, timer, *args, **kwargs)
+        return original(model_, items, visual, config, capture, ks, timer, *args)
 
     monkeypatch.setattr(sweep_module, "run_batch", spying)
     return seen

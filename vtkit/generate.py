@@ -345,11 +345,11 @@ def _prefill_packed(model, decoder: PackedDecoder, items: list[PreparedItem],
 
 @torch.inference_mode()
 def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig,
-           ks: list[int], wait: bool = True) -> list[str] | PendingAnswers:
+           ks: list[int]) -> list[str]:
     """Greedy (temperature 0) or seeded sampled decoding with the KV cache of the prefill
-    (:func:`decode_loop`, which says what ``wait`` does)."""
+    (:func:`decode_loop`)."""
     if state.decoder is not None:
-        return _decode_packed(model, items, state, config, ks, wait)
+        return _decode_packed(model, items, state, config, ks)
     length = state.mask.shape[1]
     # The mask of every step is a view of one allocation (each new position is attended).
     masks = torch.cat([state.mask, state.mask.new_ones((len(items), config.max_new_tokens - 1))],
@@ -361,28 +361,27 @@ def decode(model, items: list[PreparedItem], state: Prefill, config: SweepConfig
                                    masks[:, :length + step + 1], last + step + 1, state.past)
         return model.lm_head(hidden[:, -1])
 
-    return decode_loop(model, items, ks, config, state.logits, forward, wait)
+    return decode_loop(model, items, ks, config, state.logits, forward)
 
 
 def _decode_packed(model, items: list[PreparedItem], state: Prefill, config: SweepConfig,
-                   ks: list[int], wait: bool) -> list[str] | PendingAnswers:
+                   ks: list[int]) -> list[str]:
     """:func:`decode` of packed rows: each step is one token per row, appended to its row."""
     def forward(token: torch.Tensor, step: int) -> torch.Tensor:
         hidden = state.decoder.step(model.embed_tokens(token), state.positions[:, 0] + step + 1,
                                     state.past)
         return model.lm_head(state.decoder.norm(hidden))
 
-    return decode_loop(model, items, ks, config, state.logits, forward, wait)
+    return decode_loop(model, items, ks, config, state.logits, forward)
 
 
 def decode_loop(model, items: list[PreparedItem], ks: list[int], config: SweepConfig,
-                logits: torch.Tensor, forward, wait: bool = True) -> list[str] | PendingAnswers:
+                logits: torch.Tensor, forward) -> list[str]:
     """The decoding rule of every path: each step picks every row's token (the argmax, or a
     seeded sample as generate() samples), rows past their EOS get padding, and the batch ends
     once every row has stopped or at max_new_tokens. ``forward(token, step)`` runs step
     ``step``'s tokens [B] through the cache and returns the next logits. Returns the answers,
-    decoded without special tokens and stripped, as LLaVA's eval script does; with ``wait``
-    False, the :class:`PendingAnswers` that give them once the GPU is done."""
+    decoded without special tokens and stripped, as LLaVA's eval script does."""
     generators = row_generators(items, ks, config, model.device)
     settings = decode_settings(config, model)
     eos, pad = model.eos_token_id, model.pad_token_id
@@ -401,44 +400,14 @@ def decode_loop(model, items: list[PreparedItem], ks: list[int], config: SweepCo
         if step and bool(done.all()):
             break
         logits = forward(token, step)
-    pending = PendingAnswers(model, steps)
-    return pending.result() if wait else pending
+    return answer_texts(model, steps)
 
 
-class PendingAnswers:
-    """A batch's decoded tokens on their way to host memory, and the answers they make.
-
-    Reading the tokens makes the host wait for the batch's last kernel, and the GPU then idles
-    while the host turns the answers into text and queues the next batch's selection and
-    first layers. On CUDA the tokens are copied into pinned memory without waiting, and the
-    host reads them (:meth:`result`) once it has queued the next batch: the GPU goes from one
-    batch to the next without a gap.
-    """
-
-    def __init__(self, model, steps: list[torch.Tensor]) -> None:
-        self.model = model
-        tokens = torch.stack(steps, dim=1)
-        self.ready = None
-        if tokens.is_cuda:
-            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.tokens.copy_(tokens, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-        else:
-            self.tokens = tokens
-
-    def result(self) -> list[str]:
-        """The answers, once the tokens have landed (waiting for them)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        return answer_texts(self.model, self.tokens.tolist())
-
-
-def answer_texts(model, rows: list[list[int]]) -> list[str]:
-    """Each row's answer from its decoded tokens (a list of token ids per row): up to its EOS,
+def answer_texts(model, steps: list[torch.Tensor]) -> list[str]:
+    """Each row's answer from its decoded tokens (one [B] tensor per step): up to its EOS,
     decoded without special tokens, cleaned as :func:`clean_answer` says."""
     answers = []
-    for row in rows:
+    for row in torch.stack(steps, dim=1).tolist():
         if model.eos_token_id in row:
             row = row[:row.index(model.eos_token_id)]
         answers.append(clean_answer(model.tokenizer.decode(row, skip_special_tokens=True)))
@@ -456,12 +425,11 @@ def clean_answer(text: str) -> str:
 def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | None,
               config: SweepConfig, capture: ActivationCapture | None, ks: list[int],
               timer: PhaseTimer | NullTimer | None = None, decoder: PackedDecoder | None = None,
-              on_captured=None, wait: bool = True) -> tuple[list[str] | PendingAnswers, dict, int]:
+              on_captured=None) -> tuple[list[str], dict, int]:
     """Prefill and decode one batch: (answers, captured rows, prefill tokens). With
     ``decoder`` (:func:`batch_decoder`) the rows run packed, else left-padded. ``on_captured``,
     when given, is called with the captured rows as soon as the prefill has queued them, before
-    the decoding: the sweep queues their spectra there. With ``wait`` False the answers are
-    :class:`PendingAnswers`, and nothing waits for the GPU."""
+    the decoding: the sweep queues their spectra there."""
     timer = timer or NullTimer()
     with timer.phase("prefill"):
         state = prefill(model, items, visual, capture, config.share_prefix, decoder)
@@ -469,7 +437,7 @@ def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor] | Non
     if on_captured is not None:
         on_captured(state.captured)
     with timer.phase("decode"):
-        answers = decode(model, items, state, config, ks, wait)
+        answers = decode(model, items, state, config, ks)
     return answers, state.captured, state.tokens
 
 

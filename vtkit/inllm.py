@@ -25,7 +25,7 @@ import math
 import torch
 
 from vtkit.errors import UsageError
-from vtkit.generate import PendingAnswers, Prefill, PreparedItem, decode_loop, embed_texts
+from vtkit.generate import Prefill, PreparedItem, decode_loop, embed_texts
 from vtkit.pruning import gather_rows, left_pad, splice_sequence, to_device
 
 #: DART's pivots (the official LLaVA-1.5 scripts): image tokens and post-image text tokens with
@@ -295,10 +295,10 @@ def prefill(model, items: list[PreparedItem], visual: list[torch.Tensor], ks: li
 
 @torch.inference_mode()
 def decode(model, items: list[PreparedItem], state: Prefill, config, ks: list[int],
-           prune_layer: int, wait: bool = True) -> list[str] | PendingAnswers:
+           prune_layer: int) -> list[str]:
     """Greedy or seeded sampled decoding from a pruned prefill's caches
     (:func:`vtkit.generate.decode_loop`): each new token attends to the full-length cache in
-    the layers before ``prune_layer`` and to the pruned one from it on; ``wait`` as there."""
+    the layers before ``prune_layer`` and to the pruned one from it on."""
     runner = PrunedLM(model, prune_layer)
     groups = (range(prune_layer), range(prune_layer, len(runner.layers)))
     # Each group's mask for every step is a view of one allocation (new positions attended).
@@ -314,16 +314,15 @@ def decode(model, items: list[PreparedItem], state: Prefill, config, ks: list[in
             hidden, _ = runner.run(hidden, last + step + 1, valid[:, None, :], group, state.past)
         return model.lm_head(runner.lm.norm(hidden[:, -1]))
 
-    return decode_loop(model, items, ks, config, state.logits, forward, wait)
+    return decode_loop(model, items, ks, config, state.logits, forward)
 
 
 def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor], config, capture,
               ks: list[int], method: str, prune_layer: int,
-              timer=None, on_captured=None,
-              wait: bool = True) -> tuple[list[str] | PendingAnswers, dict, int]:
+              timer=None, on_captured=None) -> tuple[list[str], dict, int]:
     """Prefill and decode one batch with in-LLM pruning: (answers, captured rows, prefill
-    tokens), as :func:`vtkit.generate.run_batch` returns them, ``on_captured`` and ``wait``
-    as it takes them."""
+    tokens), as :func:`vtkit.generate.run_batch` returns them, ``on_captured`` called as it
+    calls it."""
     from vtkit.progress import NullTimer
 
     timer = timer or NullTimer()
@@ -332,5 +331,5 @@ def run_batch(model, items: list[PreparedItem], visual: list[torch.Tensor], conf
     if on_captured is not None:
         on_captured(state.captured)
     with timer.phase("decode"):
-        answers = decode(model, items, state, config, ks, prune_layer, wait)
+        answers = decode(model, items, state, config, ks, prune_layer)
     return answers, state.captured, state.tokens

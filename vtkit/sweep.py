@@ -25,9 +25,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -827,30 +826,26 @@ class _BatchRunner:
     pinned: _PinnedBuffers | None = None
     decoder: PackedDecoder | None = None    # batch_decoder: packed rows, else left-padded
 
-    def text(self, batch: list[tuple[PreparedItem, int]]) -> tuple[int, Callable[[], None]]:
+    def text(self, batch: list[tuple[PreparedItem, int]]) -> int:
         """A batch without visual rows (k = 0): text-only questions, or image questions whose
-        placeholder is replaced by zero rows (prefix + suffix). Nothing is captured: there are
-        no visual rows. Returns its prefill tokens, and the call that hands its part to the
-        writer once its answers are in: made after the next batch is queued, it leaves the
-        GPU no gap between batches (:class:`~vtkit.generate.PendingAnswers`)."""
+        placeholder is replaced by zero rows (prefix + suffix); returns its prefill tokens.
+        Nothing is captured: there are no visual rows."""
         items = [it for it, _ in batch]
         visual = None
         if items[0].question.has_image:
             visual = [torch.zeros((0, self.model.hidden_size), dtype=self.model.dtype,
                                   device=self.model.device)] * len(items)
         answers, _, n = run_batch(self.model, items, visual, self.config, None, [0] * len(items),
-                                  self.timer, self.decoder, wait=False)
-
-        def finish() -> None:
-            self.writer.submit(self.store.write, f"t-{items[0].index:06d}", {
-                "question_index": np.asarray([it.index for it in items], dtype=np.int64),
-                "k": np.zeros(len(items), dtype=np.int32), "answers": answers.result()})
-        return n, finish
+                                  self.timer, self.decoder)
+        self.writer.submit(self.store.write, f"t-{items[0].index:06d}", {
+            "question_index": np.asarray([it.index for it in items], dtype=np.int64),
+            "k": np.zeros(len(items), dtype=np.int32), "answers": answers})
+        return n
 
     def image(self, batch: list[tuple[PreparedItem, int]], chunk: _Chunk,
-              local: dict[int, int]) -> tuple[int, Callable[[], None]]:
+              local: dict[int, int]) -> int:
         """A batch of (image question, k) rows of a loaded chunk (``local``: question index ->
-        row of ``chunk``); returns what :meth:`text` returns."""
+        row of ``chunk``); returns its prefill tokens."""
         items, ks = [it for it, _ in batch], [k for _, k in batch]
         rows = [local[it.index] for it in items]
         queued = {}
@@ -866,22 +861,19 @@ class _BatchRunner:
             answers, captured, n = inllm.run_batch(
                 self.model, items, [chunk.projected[r] for r in rows], self.config,
                 self.capture, ks, self.config.scorer, self.config.prune_layer, self.timer,
-                spectra, wait=False)
+                spectra)
         else:
             with self.timer.phase("select"):
                 visual = _select(self.model, self.config, chunk, rows, ks)
             answers, captured, n = run_batch(self.model, items, visual, self.config,
                                              self.capture, ks, self.timer, self.decoder,
-                                             spectra, wait=False)
+                                             spectra)
         with self.timer.phase("spectra"):
-            kept = _KeptRows(items, ks, captured, self.keep)
+            kept = _kept_attention(items, ks, captured, self.keep)
         index = np.asarray([it.index for it in items], dtype=np.int64)
-
-        def finish() -> None:
-            self.writer.submit(_finish_image_batch, self.store, _image_part_name(index, ks),
-                               index, ks, answers.result(), queued["spectra"], kept.result(),
-                               nbytes=queued["nbytes"])
-        return n, finish
+        self.writer.submit(_finish_image_batch, self.store, _image_part_name(index, ks), index,
+                           ks, answers, queued["spectra"], kept, nbytes=queued["nbytes"])
+        return n
 
     def _spectra(self, captured: dict, ks: list[int]) -> tuple[object, int]:
         """Queue the spectra of a batch's captured rows: (their pending result, the host
@@ -1009,22 +1001,23 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     try:
         with limits, attention, \
                 reporter.task("sweep", total=total, unit="batches", work_unit="tokens") as task, \
-                (h5py.File(features_path, "r") if image_items else nullcontext()) as features, \
-                _OneBehind(task) as behind:
+                (h5py.File(features_path, "r") if image_items else nullcontext()) as features:
             for batch in text_batches:
-                tokens_done += behind.queued(*runner.text(batch))
+                n = runner.text(batch)
+                tokens_done += n
+                task.advance(1, work=n)
             for chunk, batches in zip(chunks, plan, strict=True):
                 if not batches:
                     continue
-                # The batch queued last runs on the GPU while this chunk's features load.
                 with timer.phase("load"):
                     signals = _load_chunk(model, features, chunk, config)
                 local = {it.index: j for j, it in enumerate(chunk)}
                 for batch in batches:
                     ks = [k for _, k in batch]
                     task.describe(f"sweep k={min(ks)}..{max(ks)}")
-                    tokens_done += behind.queued(*runner.image(batch, signals, local))
-            behind.finish()
+                    n = runner.image(batch, signals, local)
+                    tokens_done += n
+                    task.advance(1, work=n)
             task.describe(f"sweep ({len(config.tokens)} k values)")
             ended = time.perf_counter()
             with timer.phase("drain"):
@@ -1035,41 +1028,6 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     times.batches, times.tokens = total, tokens_done
     times.looping, times.tail = ended - started, time.perf_counter() - ended
     return times
-
-
-class _OneBehind:
-    """Finishes each batch once the next is queued: a batch's answers are read (which waits for
-    its last kernel) only after the host has queued the following batch, so that the GPU never
-    waits for the host between batches. On leaving, by error or interrupt too, the last queued
-    batch is finished if it can be, so that no batch the GPU has computed is lost."""
-
-    def __init__(self, task) -> None:
-        self.task = task
-        self.pending: tuple[int, Callable[[], None]] | None = None
-
-    def __enter__(self) -> _OneBehind:
-        return self
-
-    def queued(self, tokens: int, finish: Callable[[], None]) -> int:
-        """Take a just-queued batch (its prefill tokens, its finishing call), finish the one
-        before it; returns ``tokens``."""
-        self.finish()
-        self.pending = (tokens, finish)
-        return tokens
-
-    def finish(self) -> None:
-        if self.pending is not None:
-            (tokens, finish), self.pending = self.pending, None
-            finish()
-            self.task.advance(1, work=tokens)
-
-    def __exit__(self, kind, error, trace) -> None:
-        if kind is None:
-            self.finish()
-        elif self.pending is not None:
-            # The error came from a later batch: this one's results still stand.
-            with suppress(Exception):
-                self.finish()
 
 
 def _kernel_sizes(batches: list[list[tuple[PreparedItem, int]]]) -> tuple[set, set]:
@@ -1280,44 +1238,23 @@ def _visual_rows(model, config: SweepConfig, chunk: _Chunk, index: torch.Tensor,
     return gather_rows(chunk.projected[index], top_k_raster(chunk.scores[index], k))
 
 
-class _KeptRows:
-    """Raw captured rows (float16) of a batch's questions whose matrices are kept, by slot,
-    on their way to host memory: copied without waiting for the GPU, read by :meth:`result`
-    (as the batch's answers are: :class:`~vtkit.generate.PendingAnswers`)."""
-
-    def __init__(self, items, ks, captured: dict, keep: set[int]) -> None:
-        rows = [j for j, it in enumerate(items) if it.index in keep]
-        self.kept: dict = {}
-        self.blocks: dict = {}
-        self.ready = None
-        if not rows:
-            return
-        self.kept = {"attention/index": np.asarray([items[j].index for j in rows], np.int64),
-                     "attention/k": np.asarray([ks[j] for j in rows], dtype=np.int32)}
-        blocks = {slot: torch.cat([block[j, :ks[j]] for j in rows]).to(torch.float16)
-                  for slot, block in captured.items()}
-        # One copy to the host for every slot.
-        flat = torch.cat([b.reshape(-1) for b in blocks.values()])
-        if flat.is_cuda:
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            host.copy_(flat, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-            flat = host
-        self.flat = flat
-        self.blocks = {slot: block.shape for slot, block in blocks.items()}
-
-    def result(self) -> dict:
-        """The kept rows as numpy arrays by part path, once their copy has landed."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        kept, start = dict(self.kept), 0
-        for slot, shape in self.blocks.items():
-            size = math.prod(shape)
-            kept[f"attention/{cache.slot_name(*slot)}"] = \
-                self.flat[start:start + size].numpy().reshape(shape)
-            start += size
-        return kept
+def _kept_attention(items, ks, captured: dict, keep: set[int]) -> dict:
+    """Raw captured rows (float16) of the questions whose matrices are kept, by slot."""
+    rows = [j for j, it in enumerate(items) if it.index in keep]
+    if not rows:
+        return {}
+    kept = {"attention/index": np.asarray([items[j].index for j in rows], dtype=np.int64),
+            "attention/k": np.asarray([ks[j] for j in rows], dtype=np.int32)}
+    blocks = {slot: torch.cat([block[j, :ks[j]] for j in rows]).to(torch.float16)
+              for slot, block in captured.items()}
+    # One copy to the host for every slot: each copy waits for the GPU.
+    flat = torch.cat([b.reshape(-1) for b in blocks.values()]).cpu().numpy()
+    start = 0
+    for slot, block in blocks.items():
+        kept[f"attention/{cache.slot_name(*slot)}"] = \
+            flat[start:start + block.numel()].reshape(block.shape)
+        start += block.numel()
+    return kept
 
 
 @dataclass
