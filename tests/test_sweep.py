@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 import vtkit.sweep as sweep_module
-from vtkit.cache import FEATURES_FILE, SWEEP_FILE, SWEEP_PARTS_DIR
+from vtkit.cache import FEATURES_FILE, SWEEP_FILE, SWEEP_PARTS_DIR, read_rows
 from vtkit.cli.main import app
 from vtkit.data import select_questions
 from vtkit.extract import ExtractConfig, extract
@@ -501,3 +501,26 @@ def test_host_copies_land_in_slices_of_one_pinned_buffer(monkeypatch):
             ends.append((offset, offset + tensor.numel() * dtype.itemsize))
         ends.sort()
         assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:], strict=False))  # no overlap
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [1, 3, 4, 5, 9, 10], [0, 2, 4, 6, 8, 10], [11],
+                                  [0, 11], []])
+def test_read_rows_equals_h5py_list_indexing(tmp_path, rows):
+    """Rows read run by run (consecutive rows as one slice) are the rows h5py's list indexing
+    reads, from a dataset chunked and compressed as features.h5 is."""
+    data = np.random.default_rng(0).standard_normal((12, 5, 3)).astype(np.float16)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        dataset = f.create_dataset("features", data=data, chunks=(1, 5, 3), compression="lzf",
+                                   shuffle=True)
+        got = read_rows(dataset, rows)
+        assert got.dtype == data.dtype and got.shape == (len(rows), 5, 3)
+        np.testing.assert_array_equal(got, dataset[rows] if rows else data[:0])
+        np.testing.assert_array_equal(got, data[rows])
+
+
+@pytest.mark.parametrize("rows", [[2, 1], [3, 3], [-1, 0], [0, 12]])
+def test_read_rows_refuses_rows_out_of_order_or_range(tmp_path, rows):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        dataset = f.create_dataset("features", data=np.zeros((12, 2)), chunks=(1, 2))
+        with pytest.raises(ValueError, match="features: rows must ascend"):
+            read_rows(dataset, rows)

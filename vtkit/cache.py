@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -411,6 +412,27 @@ def read_attrs(path: Path) -> dict[str, Any]:
             return {k: _plain(v) for k, v in f.attrs.items()}
     except OSError as error:
         raise DataError(f"{path}: not a readable HDF5 file ({error})") from None
+
+
+def read_rows(dataset: h5py.Dataset, rows: Any) -> np.ndarray:
+    """``dataset[rows]`` for strictly ascending ``rows``, each run of consecutive rows read as
+    one slice into the array it returns.
+
+    h5py's list indexing reads a chunked dataset row by row at great cost when the rows are
+    not consecutive (measured on the CPU, features.h5 chunked one question per chunk: 17 ms a
+    row, against 0.15 ms for the same row read as a slice), and a torchrun rank's share of
+    the questions is every world-size-th row."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size and (rows[0] < 0 or rows[-1] >= len(dataset) or (np.diff(rows) <= 0).any()):
+        raise ValueError(f"{dataset.name}: rows must ascend, each once, within "
+                         f"0..{len(dataset) - 1}")
+    out = np.empty((rows.size, *dataset.shape[1:]), dtype=dataset.dtype)
+    bounds = np.concatenate(([0], np.flatnonzero(np.diff(rows) != 1) + 1, [rows.size]))
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            first = int(rows[start])
+            dataset.read_direct(out, np.s_[first:first + end - start], np.s_[start:end])
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -1277,11 +1277,12 @@ def _load_chunk(model, features_file, chunk: list[PreparedItem], config: SweepCo
     rows = [chunk[j].cache_row for j in order]
     back = np.empty_like(order)
     back[order] = np.arange(len(order))
+    ascending = bool((order == np.arange(len(order))).all())
 
     def read(name: str, dtype: torch.dtype) -> torch.Tensor:
-        # h5py reads ascending rows; ``back`` puts them in the chunk's order.
-        block = np.ascontiguousarray(features_file[name][rows][back])
-        return torch.from_numpy(block).to(model.device, dtype)
+        # Read in ascending rows (cache.read_rows); ``back`` puts them in the chunk's order.
+        block = cache.read_rows(features_file[name], rows)
+        return torch.from_numpy(block if ascending else block[back]).to(model.device, dtype)
 
     signals = _Chunk()
     feats = read("features", model.dtype)
