@@ -524,3 +524,33 @@ def test_read_rows_refuses_rows_out_of_order_or_range(tmp_path, rows):
         dataset = f.create_dataset("features", data=np.zeros((12, 2)), chunks=(1, 2))
         with pytest.raises(ValueError, match="features: rows must ascend"):
             read_rows(dataset, rows)
+
+
+@pytest.mark.parametrize("scorer", ["cls", "visionzip"])
+def test_a_chunks_signals_follow_its_questions_whatever_their_rows_in_the_cache(tmp_path,
+                                                                                scorer):
+    """The chunk's questions in any order of their features.h5 rows (here 5, 0, 3, with a gap)
+    get their own rows of every signal, read in ascending rows and put back in order."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    n, patches, width = 6, 4, 3
+    with h5py.File(tmp_path / "features.h5", "w") as f:
+        for name, shape in [("features", (n, patches, width)), ("keys", (n, patches, 2)),
+                            ("cls_features", (n, width)), ("scores/cls", (n, patches))]:
+            f.create_dataset(name, data=rng.standard_normal(shape).astype(np.float32),
+                             chunks=(1, *shape[1:]))
+    model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32,
+                            project=lambda x: 2 * x)
+    chunk = [SimpleNamespace(cache_row=row) for row in (5, 0, 3)]
+    with h5py.File(tmp_path / "features.h5", "r") as f:
+        signals = sweep_module._load_chunk(model, f, chunk, SimpleNamespace(scorer=scorer))
+        rows = [5, 0, 3]
+        if scorer == "cls":
+            np.testing.assert_array_equal(signals.scores.numpy(), f["scores/cls"][:][rows])
+            np.testing.assert_array_equal(signals.projected.numpy(), 2 * f["features"][:][rows])
+        else:
+            np.testing.assert_array_equal(signals.features.numpy(), f["features"][:][rows])
+            np.testing.assert_array_equal(signals.keys.numpy(), f["keys"][:][rows])
+            np.testing.assert_array_equal(signals.cls_feature.numpy(), f["cls_features"][:][rows])
+            np.testing.assert_array_equal(signals.attention.numpy(), f["scores/cls"][:][rows])
