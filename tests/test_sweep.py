@@ -505,13 +505,15 @@ def test_host_copies_land_in_slices_of_one_pinned_buffer(monkeypatch):
 
 @pytest.mark.parametrize("rows", [[0, 1, 2, 3], [1, 3, 4, 5, 9, 10], [0, 2, 4, 6, 8, 10], [11],
                                   [0, 11], []])
-def test_read_rows_equals_h5py_list_indexing(tmp_path, rows):
+@pytest.mark.parametrize("layout", [{"chunks": (1, 5, 3), "compression": "lzf", "shuffle": True},
+                                    {}])
+def test_read_rows_equals_h5py_list_indexing(tmp_path, rows, layout):
     """Rows read run by run (consecutive rows as one slice) are the rows h5py's list indexing
-    reads, from a dataset chunked and compressed as features.h5 is."""
+    reads, from a dataset chunked and compressed as features.h5 is, or stored whole as its
+    scores are."""
     data = np.random.default_rng(0).standard_normal((12, 5, 3)).astype(np.float16)
     with h5py.File(tmp_path / "f.h5", "w") as f:
-        dataset = f.create_dataset("features", data=data, chunks=(1, 5, 3), compression="lzf",
-                                   shuffle=True)
+        dataset = f.create_dataset("features", data=data, **layout)
         got = read_rows(dataset, rows)
         assert got.dtype == data.dtype and got.shape == (len(rows), 5, 3)
         np.testing.assert_array_equal(got, dataset[rows] if rows else data[:0])
