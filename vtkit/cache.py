@@ -423,11 +423,12 @@ def read_rows(dataset: h5py.Dataset, rows: Any) -> np.ndarray:
     row, against 0.15 ms for the same row read as a slice), and a torchrun rank's share of
     the questions is every world-size-th row."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    if rows.size and (rows[0] < 0 or rows[-1] >= len(dataset) or (np.diff(rows) <= 0).any()):
+    steps = np.diff(rows)
+    if rows.size and (rows[0] < 0 or rows[-1] >= len(dataset) or (steps <= 0).any()):
         raise ValueError(f"{dataset.name}: rows must ascend, each once, within "
                          f"0..{len(dataset) - 1}")
     out = np.empty((rows.size, *dataset.shape[1:]), dtype=dataset.dtype)
-    bounds = np.concatenate(([0], np.flatnonzero(np.diff(rows) != 1) + 1, [rows.size]))
+    bounds = np.concatenate(([0], np.flatnonzero(steps != 1) + 1, [rows.size]))
     for start, end in itertools.pairwise(bounds):
         if end > start:
             first = int(rows[start])
