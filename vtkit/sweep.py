@@ -1357,8 +1357,9 @@ def _gather_spectra(part: h5py.File, index: np.ndarray, ks: np.ndarray, widths: 
         starts = np.concatenate([[0], np.cumsum(spectrum_lengths)])
         flat = part[f"spectra/{cache.slot_name(*slot)}"][:]
         for r, (q, k) in enumerate(zip(index, ks, strict=True)):
-            block = by_k.setdefault(
-                int(k), np.zeros((len(img_row), spectrum_lengths[r]), np.float32))
+            block = by_k.get(int(k))
+            if block is None:       # allocated once per k, not once per row
+                block = by_k[int(k)] = np.zeros((len(img_row), spectrum_lengths[r]), np.float32)
             block[img_row[q]] = flat[starts[r]:starts[r + 1]]
 
 
@@ -1370,8 +1371,9 @@ def _gather_attention(part: h5py.File, keep_row: dict[int, int],
     for slot, by_k in attention.items():
         flat = part[f"attention/{cache.slot_name(*slot)}"][:]
         for r, (q, k) in enumerate(zip(part["attention/index"][:], kept_k, strict=True)):
-            block = by_k.setdefault(
-                int(k), np.zeros((len(keep_row), k, flat.shape[1]), np.float16))
+            block = by_k.get(int(k))
+            if block is None:
+                block = by_k[int(k)] = np.zeros((len(keep_row), k, flat.shape[1]), np.float16)
             block[keep_row[q]] = flat[offsets[r]:offsets[r + 1]]
 
 
