@@ -980,10 +980,12 @@ def _execute(model, config, store, image_items, text_items, done, budget, keep, 
     solver = resolve_eigensolver(config.eigensolver, model.device, len(captures) * len(layers),
                                  reporter)
     # On GPU runs CPU threads write the parts and, with LAPACK, compute the eigenvalues (one
-    # BLAS thread each); the Triton kernels leave them only the writing.
+    # BLAS thread each); the Triton kernels leave them only the writing. Eight solver threads
+    # keep up with an H200 (docs/performance.md, run J8).
     workers = 0
     if model.device.type == "cuda":
-        workers = max(1, min(12, (os.cpu_count() or 2) - 2)) if solver == "lapack" else 2
+        cores = (os.cpu_count() or 2) - 2
+        workers = max(1, min(SOLVER_THREADS, cores)) if solver == "lapack" else 2
     writer = _PartWriter(workers)
     runner = _BatchRunner(model, config, store, writer, ActivationCapture(model, captures, layers),
                           keep, timer, solver, _PinnedBuffers(writer.limit + 1, writer.max_bytes),
@@ -1155,6 +1157,10 @@ def _beside(captured: dict, work, *args):
 
 # Whether the spectra's GPU work runs on a CUDA stream beside the sweep's forwards.
 SPECTRA_STREAM = True
+
+#: Most CPU threads computing LAPACK eigenvalues on a GPU run (fewer where the host has fewer
+#: cores).
+SOLVER_THREADS = 8
 
 
 @functools.cache
