@@ -1372,11 +1372,11 @@ def _gather_spectra(part: h5py.File, index: np.ndarray, ks: np.ndarray, widths: 
 def _gather_attention(part: h5py.File, keep_row: dict[int, int],
                       attention: dict[tuple, dict]) -> None:
     """Add one part's kept rows (stored end to end) to ``attention[(capture, layer)][k]``."""
-    kept_k = part["attention/k"][:]
+    kept_index, kept_k = part["attention/index"][:], part["attention/k"][:]
     offsets = np.concatenate([[0], np.cumsum(kept_k)])
     for slot, by_k in attention.items():
         flat = part[f"attention/{cache.slot_name(*slot)}"][:]
-        for r, (q, k) in enumerate(zip(part["attention/index"][:], kept_k, strict=True)):
+        for r, (q, k) in enumerate(zip(kept_index, kept_k, strict=True)):
             block = by_k.get(int(k))
             if block is None:
                 block = by_k[int(k)] = np.zeros((len(keep_row), k, flat.shape[1]), np.float16)
